@@ -1,0 +1,225 @@
+"""The `relayd` command: run, check-config, outbox, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+from relayd import __version__, logs
+from relayd.config import Config, ConfigError, load_config, parse_duration
+from relayd.outbox import Filter, Outbox, OutboxError, State
+from relayd.supervisor import OUTBOX_FILE, StartupError, Supervisor
+
+DEFAULT_CONFIG = "/etc/relayd/config.yaml"
+
+
+def config_path(given: str | None) -> Path:
+    return Path(given or os.environ.get("RELAYD_CONFIG") or DEFAULT_CONFIG)
+
+
+def _load(given: str | None) -> Config:
+    path = config_path(given)
+    if not path.exists():
+        raise ConfigFileMissing(f"{path}: no such config file (use --config or RELAYD_CONFIG)")
+    return load_config(path)
+
+
+class ConfigFileMissing(Exception):
+    pass
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+async def serve(config: Config, shutdown: asyncio.Event | None = None) -> None:
+    """Run the relay until SIGTERM or SIGINT (or until `shutdown` is set)."""
+    stop = shutdown or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    # The handlers only set the event: the supervisor's own code does the stopping.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await Supervisor(config).run(stop)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    logs.configure(config.log.level, config.log.format)
+    asyncio.run(serve(config))
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(
+        f"{config_path(args.config)}: ok ({len(config.drives)} drives, "
+        f"{len(config.webhooks)} webhooks, {len(config.accounts)} accounts)"
+    )
+    return 0
+
+
+# -- outbox -------------------------------------------------------------------------------------
+
+
+def _moment(text: str) -> float:
+    """`2h` (that long ago) or an ISO 8601 time."""
+    try:
+        return time.time() - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither a duration like 2h nor a time like 2026-11-26T10:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()
+    return moment.timestamp()
+
+
+def _selection(args: argparse.Namespace) -> Filter:
+    return Filter(
+        webhook=args.webhook,
+        drive=args.drive,
+        state=State(args.state) if args.state else None,
+        since=args.since,
+        until=args.until,
+    )
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+async def _outbox_command(args: argparse.Namespace, config: Config) -> int:
+    path = config.state_dir / OUTBOX_FILE
+    if not path.exists():
+        raise OutboxError(f"{path}: no outbox yet (has relayd run with this state_dir?)")
+    selection = _selection(args)
+    async with Outbox(path, recover=False) as outbox:
+        if args.action == "status":
+            summary = await outbox.summary(selection)
+            webhooks = sorted({webhook for webhook, _ in summary.counts})
+            columns = ("pending", "inflight", "delivered", "dead")
+            print(f"{'webhook':<20}" + "".join(f" {c:>9}" for c in columns) + "  oldest waiting")
+            for webhook in webhooks:
+                counts = [summary.counts.get((webhook, state), 0) for state in State]
+                oldest = _when(summary.oldest_pending.get(webhook))
+                print(f"{webhook:<20}" + "".join(f" {n:>9}" for n in counts) + f"  {oldest}")
+        elif args.action == "list":
+            rows = await outbox.rows(selection, limit=args.limit)
+            if args.json:
+                for row in rows:
+                    print(json.dumps(row))
+            else:
+                print(
+                    f"{'id':>7} {'message_id':<36} {'webhook':<14} {'drive':<14} {'state':<9}"
+                    f" {'tries':>5} {'status':>6} {'ms':>7}  created / last error"
+                )
+                for row in rows:
+                    latency = (
+                        "-" if row["last_latency"] is None else f"{row['last_latency'] * 1000:.0f}"
+                    )
+                    print(
+                        f"{row['id']:>7} {row['message_id']:<36}"
+                        f" {row['webhook']:<14} {row['drive']:<14}"
+                        f" {row['state']:<9} {row['attempts']:>5} {row['last_status'] or '-':>6}"
+                        f" {latency:>7}  {_when(row['created'])} {row['last_error'] or ''}"
+                    )
+        elif args.action == "replay":
+            count = await outbox.replay(selection)
+            print(f"{count} dead notifications back in the queue")
+        elif args.action == "purge":
+            count = await outbox.purge(selection)
+            print(f"{count} finished notifications deleted")
+    return 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    return asyncio.run(_outbox_command(args, config))
+
+
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from relayd.demo import run_demo  # the emulator is only imported when asked for
+
+    logs.configure("info", "console")
+    return asyncio.run(run_demo(count=args.count, interval=args.interval))
+
+
+# -- entry point --------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relayd",
+        description="Relay Microsoft Graph drive change notifications (socketIo) to webhooks.",
+    )
+    parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sub.add_argument(
+            "--config",
+            "-c",
+            help=f"config file (default: $RELAYD_CONFIG, else {DEFAULT_CONFIG})",
+        )
+        return sub
+
+    with_config(commands.add_parser("run", help="run the relay")).set_defaults(handler=cmd_run)
+    with_config(
+        commands.add_parser("check-config", help="validate the config file; exit 0 or 1")
+    ).set_defaults(handler=cmd_check_config)
+
+    outbox = with_config(commands.add_parser("outbox", help="inspect and repair the outbox"))
+    outbox.add_argument("action", choices=["status", "list", "replay", "purge"])
+    outbox.add_argument("--webhook", help="only this webhook")
+    outbox.add_argument("--drive", help="only this drive")
+    outbox.add_argument("--state", choices=[s.value for s in State], help="only rows in this state")
+    outbox.add_argument(
+        "--since", type=_moment, help="created at or after: 2h, or 2026-11-26T10:00"
+    )
+    outbox.add_argument("--until", type=_moment, help="created before: 30m, or an ISO time")
+    outbox.add_argument("--limit", type=int, default=100, help="rows to list (default 100)")
+    outbox.add_argument("--json", action="store_true", help="list as JSON lines")
+    outbox.set_defaults(handler=cmd_outbox)
+
+    demo = commands.add_parser(
+        "demo", help="run the relay against a local Graph emulator and webhook receiver"
+    )
+    demo.add_argument("--count", type=int, default=0, help="stop after this many (default: never)")
+    demo.add_argument("--interval", type=float, default=1.0, help="seconds between notifications")
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except (ConfigFileMissing, StartupError, OutboxError) as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return code

@@ -1,0 +1,1201 @@
+"""Load and validate relayd's YAML configuration.
+
+Everything that reads the configuration (the daemon at start-up and on live reload, ``relayd
+login``, config checks) goes through :func:`load_config`. It returns frozen pydantic models, so
+two loads of an unchanged file compare equal and a reload can diff ``old != new``.
+
+The error messages are part of the user interface: every problem found in the file is reported
+at once, each as ``file:line: key.path: message`` (see :class:`ConfigIssue`). To get line numbers
+the YAML is composed into a node tree first, turned into plain data while remembering the line of
+every key, and only then validated; pydantic's error locations are mapped back to those lines.
+
+Values may come from the environment (``${VAR}``, ``${VAR:-default}``, ``$$`` for a literal
+``$``). Such values, and anything under a secret-bearing key, are never quoted in an error
+message or in a model's repr: they may be credentials.
+"""
+
+import base64
+import binascii
+import ipaddress
+import math
+import os
+import re
+import shlex
+import urllib.parse
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AccountConfig",
+    "AdminConfig",
+    "Config",
+    "ConfigError",
+    "ConfigIssue",
+    "DriveConfig",
+    "GraphConfig",
+    "LogConfig",
+    "OutboxConfig",
+    "RetryConfig",
+    "WebhookConfig",
+    "load_config",
+    "parse_config",
+    "parse_duration",
+    "resource_path",
+]
+
+# A key path inside the document: ("drives", 1, "resource") is drives[1].resource.
+Loc = tuple[str | int, ...]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a configuration file, printed as ``file:line: path: message``."""
+
+    file: str
+    line: int | None
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``issues`` lists every problem found, sorted by line."""
+
+    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
+        # The same problem can be found twice (e.g. through a YAML alias); report it once.
+        unique = list(dict.fromkeys(issues))
+        unique.sort(key=lambda issue: issue.line if issue.line is not None else 0)
+        self.issues: tuple[ConfigIssue, ...] = tuple(unique)
+        # args holds the issues (not the text) so the exception survives pickling.
+        super().__init__(self.issues)
+
+    def __str__(self) -> str:
+        return "\n".join(str(issue) for issue in self.issues)
+
+
+class _Invalid(ValueError):
+    """A validation problem with a message fit for users.
+
+    ``message`` may quote the offending value; ``redacted`` never does and is shown instead
+    when the value came from the environment or sits under a secret-bearing key. ``at`` is a
+    location below the one pydantic reports, for checks that run on a whole model but blame
+    one of its keys.
+    """
+
+    def __init__(self, message: str, *, redacted: str | None = None, at: Loc = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.redacted = message if redacted is None else redacted
+        self.at = at
+
+
+class _Invalids(ValueError):
+    """Several problems found by one model-level check, each with its own location."""
+
+    def __init__(self, problems: Sequence[_Invalid]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("; ".join(f"{_format_loc(p.at)}: {p.redacted}" for p in self.problems))
+
+
+# --------------------------------------------------------------------------- pure helpers
+
+_DURATION_UNITS: Final = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+_NUMBER: Final = r"(?:\d+(?:\.\d*)?|\.\d+)"
+# "ms" must be tried before "m"; parts may be separated by spaces ("1h 30m").
+_DURATION_PART: Final = re.compile(rf"({_NUMBER})\s*(ms|d|h|m|s)\s*")
+_DURATION_HELP: Final = (
+    "expected a number of seconds or a string like '15s', '250ms', '2m', '1h30m' or '3d'"
+)
+
+
+def parse_duration(value: object, *, allow_zero: bool = False) -> float:
+    """Return a duration in seconds.
+
+    Accepts numbers (seconds) and strings: ``"15"``, ``"15.5"``, ``"250ms"``, ``"15s"``,
+    ``"2m"``, ``"1h"``, ``"3d"`` and combinations with units from largest to smallest, such as
+    ``"1h30m"``. Raises ``ValueError`` for garbage, negative durations and, unless
+    ``allow_zero``, zero.
+    """
+    seconds = _duration_seconds(value)
+    if seconds < 0:
+        raise _Invalid("duration must not be negative")
+    if seconds == 0 and not allow_zero:
+        raise _Invalid("duration must be greater than zero")
+    return seconds
+
+
+def _duration_seconds(value: object) -> float:
+    invalid = _Invalid(
+        f"invalid duration {value!r}: {_DURATION_HELP}",
+        redacted=f"invalid duration: {_DURATION_HELP}",
+    )
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise invalid
+    if isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        seconds = _duration_text_seconds(text.removeprefix("-").lstrip())
+        if seconds is None:
+            raise invalid
+        return sign * seconds
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise invalid from None
+    if not math.isfinite(seconds):
+        raise invalid
+    return seconds
+
+
+def _duration_text_seconds(text: str) -> float | None:
+    """Seconds in "15", "1.5", "250ms" or "1h30m"; None if the text is not a duration."""
+    if re.fullmatch(_NUMBER, text):
+        return float(text)
+    total = 0.0
+    position = 0
+    previous_scale = math.inf
+    while position < len(text):
+        part = _DURATION_PART.match(text, position)
+        if part is None:
+            return None
+        scale = _DURATION_UNITS[part[2]]
+        # Units must shrink: "1m30m" or "30m1h" are much more likely typos than intent.
+        if scale >= previous_scale:
+            return None
+        total += float(part[1]) * scale
+        previous_scale = scale
+        position = part.end()
+    return total if position else None
+
+
+_RESOURCE_HELP: Final = (
+    "expected me, drives/{drive-id}, groups/{group-id} or sites/{site-id}/lists/{list-id}"
+)
+
+
+def _is_graph_id(text: str) -> bool:
+    # Ids end up inside a URL path; "?" and "#" would cut it short, "." and ".." would walk it.
+    return (
+        bool(text)
+        and text not in {".", ".."}
+        and not any(char.isspace() or char in "/?#" for char in text)
+    )
+
+
+def resource_path(resource: str) -> str:
+    """Return the Graph path of the drive behind a configured ``resource``.
+
+    ``me`` -> ``me/drive``; ``drives/X`` -> ``drives/X``; ``groups/X`` -> ``groups/X/drive``;
+    ``sites/S/lists/L`` -> ``sites/S/lists/L/drive``. Raises ``ValueError`` for anything else.
+    Site ids may contain commas and dots (``contoso.sharepoint.com,{guid},{guid}``).
+    """
+    parts = resource.split("/")
+    ids_ok = all(_is_graph_id(part) for part in parts[1::2])
+    if parts == ["me"]:
+        return "me/drive"
+    if ids_ok and len(parts) == 2 and parts[0] == "drives":
+        return resource
+    if ids_ok and len(parts) == 2 and parts[0] == "groups":
+        return f"{resource}/drive"
+    if ids_ok and len(parts) == 4 and parts[0] == "sites" and parts[2] == "lists":
+        return f"{resource}/drive"
+    raise _Invalid(
+        f"unsupported resource {resource!r}: {_RESOURCE_HELP}",
+        redacted=f"unsupported resource: {_RESOURCE_HELP}",
+    )
+
+
+_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_NAME_HELP: Final = (
+    "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+)
+
+
+def _check_name(value: str) -> str:
+    # Names appear in logs, metrics and file names under state_dir, hence the strict alphabet.
+    if not _NAME.fullmatch(value):
+        raise _Invalid(
+            f"invalid name {value!r}: {_NAME_HELP}", redacted=f"invalid name: {_NAME_HELP}"
+        )
+    return value
+
+
+def _check_http_url(value: str) -> str:
+    # The URL itself is not quoted in the message: webhook URLs often embed a token.
+    problem = _Invalid("expected an http:// or https:// URL with a host")
+    if any(char.isspace() for char in value):
+        raise problem
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise problem from None
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise problem
+    return value
+
+
+_SECRET_PREFIX: Final = "whsec_"
+_SECRET_HELP: Final = (
+    "expected 'whsec_' followed by the base64 of 16 to 64 random bytes; "
+    'generate one with: echo "whsec_$(openssl rand -base64 32)"'
+)
+
+
+def _check_secret(value: str) -> str:
+    """Validate one webhook signing secret without ever quoting it."""
+    secret = value.strip()
+    if not secret:
+        raise _Invalid(f"secret is empty; {_SECRET_HELP}")
+    body = secret.removeprefix(_SECRET_PREFIX)
+    try:
+        key = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Invalid(f"secret is not valid base64; {_SECRET_HELP}") from None
+    if not 16 <= len(key) <= 64:
+        raise _Invalid(f"secret decodes to {len(key)} bytes; {_SECRET_HELP}")
+    return secret
+
+
+def _read_secret_file(path: Path) -> tuple[str, ...]:
+    """Every whitespace-separated secret in ``path``, validated (several allow rotation)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise _Invalid(f"cannot read {path}: not UTF-8 text") from None
+    secrets = text.split()
+    if not secrets:
+        raise _Invalid(f"{path} contains no secret; {_SECRET_HELP}")
+    for number, secret in enumerate(secrets, start=1):
+        try:
+            _check_secret(secret)
+        except _Invalid as exc:
+            raise _Invalid(f"secret {number} of {len(secrets)} in {path}: {exc.message}") from None
+    return tuple(secrets)
+
+
+def _split_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:9464"`` -> ``("127.0.0.1", 9464)``; IPv6 is written ``[::1]:9464``."""
+    problem = _Invalid(
+        f"invalid listen address {listen!r}: expected host:port such as 127.0.0.1:9464 or "
+        '[::1]:9464, or "" to turn the admin endpoint off',
+        redacted="invalid listen address: expected host:port such as 127.0.0.1:9464 or "
+        '[::1]:9464, or "" to turn the admin endpoint off',
+    )
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", listen)
+    if match is None:
+        raise problem
+    host = match[1] or match[3]
+    port = int(match[2] or match[4])
+    if match[1] is not None:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise problem from None
+    if port > 65535:
+        raise _Invalid("port must be between 0 and 65535")
+    return host, port
+
+
+_RESERVED_HEADERS: Final = frozenset(
+    {"content-length", "host", "transfer-encoding", "webhook-id", "webhook-signature",
+     "webhook-timestamp"}
+)  # fmt: skip
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _header_problems(headers: Mapping[str, str]) -> list[_Invalid]:
+    problems = []
+    for name, value in headers.items():
+        if not _HEADER_NAME.fullmatch(name):
+            problems.append(_Invalid("not a valid HTTP header name", at=(name,)))
+        elif name.lower() in _RESERVED_HEADERS:
+            problems.append(_Invalid("this header is set by relayd", at=(name,)))
+        elif any(char in value for char in "\r\n\0"):
+            problems.append(_Invalid("header values must not contain line breaks", at=(name,)))
+    return problems
+
+
+# --------------------------------------------------------------------------- field types
+
+
+def _duration(*, allow_zero: bool) -> BeforeValidator:
+    def validate(value: object) -> float:
+        return parse_duration(value, allow_zero=allow_zero)
+
+    return BeforeValidator(validate)
+
+
+_Duration = Annotated[float, _duration(allow_zero=False)]
+_DurationOrZero = Annotated[float, _duration(allow_zero=True)]
+_Name = Annotated[str, AfterValidator(_check_name)]
+_HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+_Secret = Annotated[str, AfterValidator(_check_secret)]
+
+
+def _as_tuple(value: object) -> object:
+    """Let a single string stand for a one-element list."""
+    return (value,) if isinstance(value, str) else value
+
+
+def _context(info: ValidationInfo) -> Mapping[str, Any]:
+    return info.context if isinstance(info.context, Mapping) else {}
+
+
+def _resolve_path(value: object, info: ValidationInfo) -> Path:
+    """A path from the file; relative ones are relative to the config file's folder."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Invalid("path must not be empty")
+        if value.startswith("~"):
+            raise _Invalid("'~' is not expanded here; write ${HOME}/... or an absolute path")
+        path = Path(value)
+    elif isinstance(value, Path):
+        path = value
+    else:
+        raise _Invalid("expected a path")
+    base_dir = _context(info).get("base_dir")
+    return (base_dir if isinstance(base_dir, Path) else Path.cwd()) / path
+
+
+@dataclass(frozen=True)
+class _Rejected:
+    """Stands in for a value a model-level step could not use, so that the field's own
+    validator raises the problem and it is reported at that key (and its line)."""
+
+    problem: _Invalid
+
+
+# --------------------------------------------------------------------------- models
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", hide_input_in_errors=True)
+
+    # Keys written with an empty value (``retry:``) mean "use the default", except where a
+    # model says an empty value means something else.
+    _null_means: ClassVar[Mapping[str, object]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        # Unknown keys are kept, empty or not, so that they are reported.
+        return {
+            key: cls._null_means.get(key, value) if value is None else value
+            for key, value in data.items()
+            if value is not None or key in cls._null_means or key not in cls.model_fields
+        }
+
+
+class GraphConfig(_Model):
+    base_url: _HttpUrl = "https://graph.microsoft.com/v1.0"
+
+    @field_validator("base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+
+class AdminConfig(_Model):
+    """The admin HTTP endpoint (health, metrics); ``listen: ""`` turns it off."""
+
+    listen: str = "127.0.0.1:9464"
+
+    _null_means: ClassVar[Mapping[str, object]] = {"listen": ""}
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str) -> str:
+        if value:
+            _split_listen(value)
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.listen)
+
+    @property
+    def host(self) -> str:
+        """Host to bind (brackets removed from IPv6); only meaningful when ``enabled``."""
+        return _split_listen(self.listen)[0] if self.listen else ""
+
+    @property
+    def port(self) -> int:
+        return _split_listen(self.listen)[1] if self.listen else 0
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class OutboxConfig(_Model):
+    delivered_retention: _DurationOrZero = 7 * 86400.0
+
+
+_GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
+_TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+# MSAL adds these itself and refuses them in an explicit scope list.
+_RESERVED_SCOPES: Final = frozenset({"openid", "profile", "offline_access"})
+_MSAL_ONLY_KEYS: Final = ("tenant", "authority_host", "scopes")
+
+
+class AccountConfig(_Model):
+    """How relayd gets a delegated Graph token: exactly one of the three sources."""
+
+    client_id: str | None = None
+    tenant: str = "organizations"
+    authority_host: _HttpUrl = "https://login.microsoftonline.com"
+    scopes: tuple[str, ...] = ("Files.Read",)
+    token_command: str | None = Field(default=None, repr=False)
+    token_file: Path | None = None
+
+    @property
+    def kind(self) -> Literal["msal", "command", "file"]:
+        if self.client_id is not None:
+            return "msal"
+        return "command" if self.token_command is not None else "file"
+
+    @property
+    def token_argv(self) -> tuple[str, ...]:
+        """``token_command`` split like a shell would (no shell is involved)."""
+        return tuple(shlex.split(self.token_command or ""))
+
+    @field_validator("client_id")
+    @classmethod
+    def _check_client_id(cls, value: str | None) -> str | None:
+        if value is not None and not _GUID.fullmatch(value):
+            raise _Invalid(
+                "expected the application (client) id, a GUID like "
+                "00000000-0000-0000-0000-000000000000"
+            )
+        return value
+
+    @field_validator("tenant")
+    @classmethod
+    def _check_tenant(cls, value: str) -> str:
+        if not _TENANT.fullmatch(value):
+            raise _Invalid(
+                "expected common, organizations, consumers, a tenant id or a tenant domain"
+            )
+        return value
+
+    @field_validator("authority_host")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @field_validator("scopes", mode="before")
+    @classmethod
+    def _split_scopes(cls, value: object) -> object:
+        # OAuth writes scope lists space-separated, so "Files.Read Sites.Read.All" is accepted.
+        return tuple(value.split()) if isinstance(value, str) else value
+
+    @field_validator("scopes")
+    @classmethod
+    def _check_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise _Invalid("at least one scope is required, e.g. Files.Read")
+        for index, scope in enumerate(value):
+            if not scope or any(char.isspace() for char in scope):
+                raise _Invalid("a scope must be a non-empty word", at=(index,))
+            if scope.lower() in _RESERVED_SCOPES:
+                raise _Invalid(
+                    f"{scope} is added by MSAL itself; remove it",
+                    redacted="openid, profile and offline_access are added by MSAL itself",
+                    at=(index,),
+                )
+        return value
+
+    @field_validator("token_command")
+    @classmethod
+    def _check_token_command(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            argv = shlex.split(value)
+        except ValueError as exc:
+            # shlex's messages ("No closing quotation") never quote the command.
+            raise _Invalid(f"cannot split the command line: {exc}") from None
+        if not argv:
+            raise _Invalid("the command must not be empty")
+        return value
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _resolve_token_file(cls, value: object, info: ValidationInfo) -> object:
+        return None if value is None else _resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> Self:
+        sources = ("client_id", "token_command", "token_file")
+        given = [key for key in sources if getattr(self, key) is not None]
+        if len(given) != 1:
+            found = f" (found {' and '.join(given)})" if given else ""
+            raise _Invalid(
+                "set exactly one of client_id (device-code sign-in), token_command or "
+                f"token_file{found}"
+            )
+        if self.kind != "msal":
+            misplaced = [key for key in _MSAL_ONLY_KEYS if key in self.model_fields_set]
+            if misplaced:
+                raise _Invalids(
+                    [_Invalid("only applies to client_id accounts", at=(key,)) for key in misplaced]
+                )
+        return self
+
+
+class RetryConfig(_Model):
+    initial_delay: _Duration = 5.0
+    max_delay: _Duration = 3600.0
+    max_age: _Duration = 3 * 86400.0
+
+    @model_validator(mode="after")
+    def _check_order(self) -> Self:
+        if self.max_delay < self.initial_delay:
+            raise _Invalid("max_delay must not be shorter than initial_delay", at=("max_delay",))
+        return self
+
+
+class WebhookConfig(_Model):
+    url: _HttpUrl
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    timeout: _Duration = 15.0
+    # Every signing secret, from `secret` or read from `secret_file` at load time. The first
+    # signs; all of them are sent during a rotation.
+    secret: tuple[_Secret, ...] = Field(default=(), repr=False)
+    secret_file: Path | None = None
+    concurrency: int = Field(default=8, ge=1, le=256)
+    ordered: bool = False
+    retry: RetryConfig = RetryConfig()
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return self.secret
+
+    @model_validator(mode="before")
+    @classmethod
+    def _load_secret_file(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, Mapping) or not isinstance(data.get("secret_file"), str | Path):
+            return data  # nothing to read, or the field validator reports a wrong type
+        data = dict(data)
+        try:
+            if data.get("secret") is not None:
+                raise _Invalid("set either secret or secret_file, not both")
+            path = _resolve_path(data["secret_file"], info)
+            data["secret"] = _read_secret_file(path)
+            data["secret_file"] = path
+        except _Invalid as problem:
+            data["secret_file"] = _Rejected(problem)
+        return data
+
+    @field_validator("secret_file", mode="before")
+    @classmethod
+    def _check_secret_file(cls, value: object, info: ValidationInfo) -> object:
+        if isinstance(value, _Rejected):
+            raise value.problem
+        return None if value is None else _resolve_path(value, info)
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _one_or_many_secrets(cls, value: object) -> object:
+        return _as_tuple(value)
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _stringify_headers(cls, value: object) -> object:
+        # YAML turns `X-Retries: 3` into an int and `X-Flag: yes` into a bool; headers are text.
+        if not isinstance(value, Mapping):
+            return value
+        return {
+            key: (str(item).lower() if isinstance(item, bool) else str(item))
+            if isinstance(item, int | float)
+            else item
+            for key, item in value.items()
+        }
+
+    @field_validator("headers")
+    @classmethod
+    def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
+        problems = _header_problems(value)
+        if problems:
+            raise _Invalids(problems)
+        return value
+
+
+class DriveConfig(_Model):
+    name: _Name
+    account: str
+    resource: str
+    webhook: tuple[str, ...]
+
+    @property
+    def drive_path(self) -> str:
+        """The Graph path of the drive, e.g. ``me/drive``."""
+        return resource_path(self.resource)
+
+    @field_validator("resource")
+    @classmethod
+    def _check_resource(cls, value: str) -> str:
+        resource_path(value)
+        return value
+
+    @field_validator("webhook", mode="before")
+    @classmethod
+    def _one_or_many_webhooks(cls, value: object) -> object:
+        return _as_tuple(value)
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_webhooks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise _Invalid("name at least one webhook")
+        for index, name in enumerate(value):
+            if name in value[:index]:
+                raise _Invalid(
+                    f"webhook {name!r} is listed twice",
+                    redacted="webhook listed twice",
+                    at=(index,),
+                )
+        return value
+
+
+class Config(_Model):
+    graph: GraphConfig = GraphConfig()
+    state_dir: Path = Field(default_factory=lambda: Path("state").absolute())
+    shutdown_grace: _DurationOrZero = 5.0
+    admin: AdminConfig = AdminConfig()
+    log: LogConfig = LogConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    accounts: dict[_Name, AccountConfig] = Field(default_factory=dict)
+    webhooks: dict[_Name, WebhookConfig] = Field(default_factory=dict)
+    drives: tuple[DriveConfig, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_state_dir(cls, data: Any, info: ValidationInfo) -> Any:
+        # Under systemd, StateDirectory= exports STATE_DIRECTORY (colon-separated when several
+        # are configured; the first is ours). Without it, ./state in the working directory.
+        if not isinstance(data, Mapping) or data.get("state_dir") is not None:
+            return data
+        env = _context(info).get("env", {})
+        state = env.get("STATE_DIRECTORY", "").split(":")[0]
+        return {**data, "state_dir": Path(state or "state").absolute()}
+
+    @field_validator("state_dir", mode="before")
+    @classmethod
+    def _resolve_state_dir(cls, value: object, info: ValidationInfo) -> Path:
+        return _resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _check_references(self, info: ValidationInfo) -> Self:
+        # parse_config checks the raw data instead (so these problems are reported together
+        # with all others); this covers configurations built in code.
+        if _context(info).get("references_checked"):
+            return self
+        drives = [
+            _DriveRefs(index, drive.name, drive.account, tuple(enumerate(drive.webhook)))
+            for index, drive in enumerate(self.drives)
+        ]
+        problems = _reference_problems(
+            drives, self.accounts, self.webhooks, lambda i: f"drives[{i}]"
+        )
+        if problems:
+            raise _Invalids(problems)
+        return self
+
+
+# --------------------------------------------------------------------------- cross references
+
+
+@dataclass(frozen=True)
+class _DriveRefs:
+    """What a drive refers to, taken from a model or from raw (not yet validated) data."""
+
+    index: int
+    name: object
+    account: object
+    webhooks: tuple[tuple[int | None, object], ...]  # (index in the list or None, name)
+
+
+def _known(kind: str, names: Collection[str]) -> str:
+    return f"known: {', '.join(sorted(names))}" if names else f"no {kind} are defined"
+
+
+def _reference_problems(
+    drives: Iterable[_DriveRefs],
+    accounts: Collection[str] | None,
+    webhooks: Collection[str] | None,
+    first_at: Callable[[int], str],
+) -> list[_Invalid]:
+    """Duplicate drive names and references to undefined accounts or webhooks.
+
+    ``accounts``/``webhooks`` are None when that section is itself broken, in which case
+    references to it are not checked (every drive would be reported otherwise).
+    """
+    problems: list[_Invalid] = []
+    first: dict[str, int] = {}
+    for drive in drives:
+        base: Loc = ("drives", drive.index)
+        if isinstance(drive.name, str) and drive.name in first:
+            where = first_at(first[drive.name])
+            problems.append(
+                _Invalid(
+                    f"duplicate drive name {drive.name!r} (first at {where})",
+                    redacted=f"duplicate drive name (first at {where})",
+                    at=(*base, "name"),
+                )
+            )
+        elif isinstance(drive.name, str):
+            first[drive.name] = drive.index
+        references = [((*base, "account"), "account", accounts, drive.account)]
+        references += [
+            (
+                (*base, "webhook") if index is None else (*base, "webhook", index),
+                "webhook",
+                webhooks,
+                name,
+            )
+            for index, name in drive.webhooks
+        ]
+        for at, kind, known, name in references:
+            if known is not None and isinstance(name, str) and name not in known:
+                listing = _known(f"{kind}s", known)
+                problems.append(
+                    _Invalid(
+                        f"unknown {kind} {name!r} ({listing})",
+                        redacted=f"unknown {kind} ({listing})",
+                        at=at,
+                    )
+                )
+    return problems
+
+
+def _raw_reference_problems(data: Mapping[str, object], lines: Mapping[Loc, int]) -> list[_Invalid]:
+    raw_drives = data.get("drives")
+    drives = []
+    for index, item in enumerate(raw_drives if isinstance(raw_drives, list) else []):
+        if not isinstance(item, dict):
+            continue
+        webhook = item.get("webhook")
+        webhooks: tuple[tuple[int | None, object], ...] = (
+            ((None, webhook),) if not isinstance(webhook, list) else tuple(enumerate(webhook))
+        )
+        drives.append(_DriveRefs(index, item.get("name"), item.get("account"), webhooks))
+
+    def section(key: str) -> Collection[str] | None:
+        value = data.get(key)
+        if value is None:
+            return ()
+        return value.keys() if isinstance(value, dict) else None
+
+    def first_at(index: int) -> str:
+        line = lines.get(("drives", index, "name"))
+        return f"line {line}" if line is not None else f"drives[{index}]"
+
+    return _reference_problems(drives, section("accounts"), section("webhooks"), first_at)
+
+
+# --------------------------------------------------------------------------- YAML -> data
+
+_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
+_MAP_TAG: Final = "tag:yaml.org,2002:map"
+_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
+# Enough for any real configuration, small enough to stop "billion laughs" alias bombs.
+_MAX_NODES: Final = 100_000
+
+_REFERENCE: Final = re.compile(r"\$(?:(?P<escape>\$)|\{(?P<body>[^}]*)\}|(?P<open>\{))")
+_REFERENCE_BODY: Final = re.compile(
+    r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL
+)
+
+
+def _expand(text: str, env: Mapping[str, str]) -> tuple[str, bool, list[str]]:
+    """Substitute ``${VAR}``, ``${VAR:-default}`` and ``$$`` in ``text``.
+
+    Returns the result, whether any variable was referenced, and the problems found. A lone
+    ``$`` followed by anything else is kept as written. Problems never quote the text.
+    """
+    problems: list[str] = []
+    referenced = False
+
+    def replace(match: re.Match[str]) -> str:
+        nonlocal referenced
+        if match["escape"]:
+            return "$"
+        if match["open"]:
+            problems.append("unterminated '${' (write '$$' for a literal '$')")
+            return ""
+        body = _REFERENCE_BODY.fullmatch(match["body"])
+        if body is None:
+            problems.append("invalid substitution: expected ${NAME} or ${NAME:-default}")
+            return ""
+        referenced = True
+        name, default = body["name"], body["default"]
+        value = env.get(name)
+        if default is None:
+            if value is None:
+                problems.append(f"environment variable {name} is not set")
+                return ""
+            return value
+        if "${" in default:
+            problems.append("nested substitutions are not supported")
+            return ""
+        return value or default
+
+    return _REFERENCE.sub(replace, text), referenced, problems
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass
+class _Document:
+    """Plain data built from the YAML, plus what is needed to report problems in it."""
+
+    data: dict[str, object] = field(default_factory=dict)
+    lines: dict[Loc, int] = field(default_factory=dict)
+    substituted: set[Loc] = field(default_factory=set)  # values taken from the environment
+    # Values that could not be read (failed substitution, bad YAML value): already reported.
+    unusable: set[Loc] = field(default_factory=set)
+    problems: list[tuple[Loc, int | None, _Invalid]] = field(default_factory=list)
+
+
+class _Builder:
+    """Turns a composed YAML node tree into plain data, recording the line of every key."""
+
+    def __init__(self, loader: yaml.SafeLoader, env: Mapping[str, str]) -> None:
+        self.loader = loader
+        self.env = env
+        self.doc = _Document()
+        self.budget = _MAX_NODES
+        self.active: set[int] = set()  # collections being built, to stop recursive aliases
+
+    def problem(self, loc: Loc, node: yaml.Node, message: str, *, unusable: bool = False) -> None:
+        self.doc.problems.append((loc, node.start_mark.line + 1, _Invalid(message)))
+        if unusable:  # the value is dropped; validating what is left would only add noise
+            self.doc.unusable.add(loc)
+
+    def build(self, node: yaml.Node, loc: Loc) -> object:
+        self.budget -= 1
+        if self.budget < 0:
+            raise _TooLarge
+        self.doc.lines.setdefault(loc, node.start_mark.line + 1)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node, loc)
+        if id(node) in self.active:
+            self.problem(loc, node, "recursive YAML alias", unusable=True)
+            return None
+        self.active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode) and node.tag == _MAP_TAG:
+                return self.mapping(node, loc)
+            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ_TAG:
+                return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
+            self.problem(loc, node, f"unsupported YAML tag {node.tag}", unusable=True)
+            return None
+        finally:
+            self.active.discard(id(node))
+
+    def scalar(self, node: yaml.ScalarNode, loc: Loc) -> object:
+        try:
+            value = self.loader.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:
+            self.problem(loc, node, f"invalid YAML value: {exc.problem}", unusable=True)
+            return None
+        except ValueError as exc:  # e.g. a timestamp like 2024-02-30
+            self.problem(loc, node, f"invalid YAML value: {exc}", unusable=True)
+            return None
+        if isinstance(value, str) and "$" in value:
+            value, referenced, problems = _expand(value, self.env)
+            if referenced:
+                self.doc.substituted.add(loc)
+            for message in problems:
+                self.problem(loc, node, message, unusable=True)
+        return value
+
+    def mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, object]:
+        result: dict[str, object] = {}
+        for key_node, value_node in self.pairs(node, loc):
+            key_loc = (*loc, key_node.value)
+            self.doc.lines[key_loc] = key_node.start_mark.line + 1
+            result[key_node.value] = self.build(value_node, key_loc)
+        return result
+
+    def pairs(self, node: yaml.MappingNode, loc: Loc) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+        """The key/value nodes in effect: the mapping's own keys, then keys merged in with
+        ``<<`` that the mapping does not override (earlier merge sources win)."""
+        own: dict[str, tuple[yaml.ScalarNode, yaml.Node]] = {}
+        merged: list[yaml.Node] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE_TAG:
+                merged.extend(
+                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                )
+            elif not isinstance(key_node, yaml.ScalarNode):
+                self.problem(loc, key_node, "keys must be plain strings")
+            elif key_node.value in own:
+                first = own[key_node.value][0].start_mark.line + 1
+                self.problem(
+                    (*loc, key_node.value), key_node, f"duplicate key (first at line {first})"
+                )
+            else:
+                own[key_node.value] = (key_node, value_node)
+        for source in merged:
+            if not isinstance(source, yaml.MappingNode):
+                self.problem(loc, source, "'<<' must merge a mapping or a list of mappings")
+                continue
+            if id(source) in self.active:
+                self.problem(loc, source, "recursive YAML alias")
+                continue
+            self.active.add(id(source))
+            try:
+                for key_node, value_node in self.pairs(source, loc):
+                    own.setdefault(key_node.value, (key_node, value_node))
+            finally:
+                self.active.discard(id(source))
+        return list(own.values())
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
+        return None, f"invalid YAML: {exc}"
+    line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
+    message = f"invalid YAML: {exc.problem}"
+    if exc.context:
+        context_line = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
+        message += f" ({exc.context}{context_line})"
+    return line, message
+
+
+def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Document:
+    """Compose and convert the YAML; raises ConfigError when nothing can be validated."""
+
+    def fail(line: int | None, message: str) -> ConfigError:
+        return ConfigError([ConfigIssue(filename, line, "", message)])
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
+            return _Document()  # an empty file: all defaults
+        if not isinstance(root, yaml.MappingNode):
+            raise fail(root.start_mark.line + 1, "the top level must be a mapping of settings")
+        builder = _Builder(loader, env)
+        data = builder.build(root, ())
+        builder.doc.data = data if isinstance(data, dict) else {}
+        return builder.doc
+    except yaml.YAMLError as exc:
+        raise fail(*_yaml_problem(exc)) from None
+    except _TooLarge:
+        raise fail(None, "the document is too large (too many YAML aliases?)") from None
+    finally:
+        loader.dispose()
+
+
+# --------------------------------------------------------------------------- errors -> issues
+
+# Keys whose values may be credentials: problems there never quote the value.
+_SENSITIVE_KEYS: Final = frozenset({"secret", "headers", "token_command", "token_file"})
+_APPLICATION_CREDENTIAL_KEYS: Final = frozenset(
+    {"client_secret", "client_credential", "certificate", "client_certificate", "certificate_path"}
+)
+_APPLICATION_CREDENTIAL_MESSAGE: Final = (
+    "application credentials are not accepted: Graph's socketIo endpoint only accepts "
+    "delegated (user) tokens; use client_id for device-code sign-in (relayd login) or "
+    "token_command/token_file"
+)
+_FRIENDLY_MESSAGES: Final = {
+    "dict_type": "expected a mapping",
+    "model_type": "expected a mapping",
+    "model_attributes_type": "expected a mapping",
+    "tuple_type": "expected a list",
+    "list_type": "expected a list",
+    "string_type": "expected a string",
+    "int_type": "expected a whole number",
+    "int_parsing": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_type": "expected a number",
+    "float_parsing": "expected a number",
+    "bool_type": "expected true or false",
+    "bool_parsing": "expected true or false",
+}
+_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
+_MISSING: Final = object()
+
+
+def _format_loc(loc: Loc) -> str:
+    """("drives", 1, "resource") -> "drives[1].resource"; odd keys are quoted."""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            text += f".{part}" if text else part
+        else:
+            text += f'["{part}"]'
+    return text
+
+
+def _lookup(data: object, loc: Loc) -> object:
+    for part in loc:
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+            continue
+        if isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
+            data = data[part]
+            continue
+        return _MISSING
+    return data
+
+
+@dataclass
+class _Reporter:
+    """Turns problems at key paths into ConfigIssues with lines and safe messages."""
+
+    filename: str
+    doc: _Document
+
+    def line_of(self, loc: Loc) -> int | None:
+        # A missing key has no line of its own: use its nearest ancestor that has one.
+        for end in range(len(loc), -1, -1):
+            if loc[:end] in self.doc.lines:
+                return self.doc.lines[loc[:end]]
+        return None
+
+    def is_sensitive(self, loc: Loc) -> bool:
+        return any(part in _SENSITIVE_KEYS for part in loc) or any(
+            loc[:end] in self.doc.substituted for end in range(len(loc) + 1)
+        )
+
+    def is_unusable(self, loc: Loc) -> bool:
+        return any(loc[:end] in self.doc.unusable for end in range(len(loc) + 1))
+
+    def issue(self, loc: Loc, problem: _Invalid, line: int | None = None) -> ConfigIssue:
+        # Models turn a single string into a one-element tuple; blame the string, not item 0.
+        if (
+            loc
+            and isinstance(loc[-1], int)
+            and not isinstance(_lookup(self.doc.data, loc[:-1]), list)
+        ):
+            loc = loc[:-1]
+        message = problem.redacted if self.is_sensitive(loc) else problem.message
+        return ConfigIssue(self.filename, line or self.line_of(loc), _format_loc(loc), message)
+
+    def from_validation(self, exc: ValidationError) -> list[ConfigIssue]:
+        issues = []
+        for error in exc.errors(include_url=False):
+            loc = tuple(part for part in error["loc"] if part != "[key]")
+            cause = error.get("ctx", {}).get("error")
+            if isinstance(cause, _Invalids):
+                problems: Sequence[_Invalid] = cause.problems
+            elif isinstance(cause, _Invalid):
+                problems = [cause]
+            else:
+                problems = [self.pydantic_problem(error["type"], loc, error["msg"], error["input"])]
+            for problem in problems:
+                where = (*loc, *problem.at)
+                # A value that could not be read was reported already; only its key can be wrong.
+                if error["type"] == "extra_forbidden" or not self.is_unusable(where):
+                    issues.append(self.issue(where, problem))
+        return issues
+
+    def pydantic_problem(self, kind: str, loc: Loc, msg: str, value: object) -> _Invalid:
+        if kind == "extra_forbidden":
+            if len(loc) == 3 and loc[0] == "accounts" and loc[2] in _APPLICATION_CREDENTIAL_KEYS:
+                return _Invalid(_APPLICATION_CREDENTIAL_MESSAGE)
+            return _Invalid("unknown key")
+        if kind == "missing":
+            # Present but empty (`url:`) is not the same mistake as a forgotten key.
+            return _Invalid(
+                "a value is required" if loc in self.doc.lines else "missing required key"
+            )
+        message = _FRIENDLY_MESSAGES.get(kind) or msg
+        for prefix in ("Value error, ", "Assertion failed, "):
+            message = message.removeprefix(prefix)
+        # Pydantic's own messages do not quote the input today; make sure it stays that way.
+        quotes_value = isinstance(value, str) and bool(value) and value in message
+        return _Invalid(message, redacted="invalid value" if quotes_value else message)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_config(text: str, *, filename: str, env: Mapping[str, str], base_dir: Path) -> Config:
+    """Validate configuration ``text``; ``filename`` is only used in messages.
+
+    Relative paths in the file are taken relative to ``base_dir`` (the config file's folder).
+    Raises :class:`ConfigError` listing every problem found.
+    """
+    doc = _read_document(text, env, filename)
+    reporter = _Reporter(filename, doc)
+    issues = [reporter.issue(loc, problem, line) for loc, line, problem in doc.problems]
+    issues += [
+        reporter.issue(problem.at, problem)
+        for problem in _raw_reference_problems(doc.data, doc.lines)
+        if not reporter.is_unusable(problem.at)
+    ]
+    context = {"base_dir": base_dir.absolute(), "env": env, "references_checked": True}
+    try:
+        config = Config.model_validate(doc.data, context=context)
+    except ValidationError as exc:
+        issues += reporter.from_validation(exc)
+    if issues:
+        # `from None`: the chained pydantic error would add nothing and could carry inputs.
+        raise ConfigError(issues) from None
+    return config
+
+
+def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration file at ``path``.
+
+    ``env`` (default: ``os.environ``) supplies ``${VAR}`` substitutions and
+    ``STATE_DIRECTORY``. Messages name the file as ``path`` was given. Raises
+    :class:`ConfigError`, also when the file cannot be read.
+    """
+    filename = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        issue = ConfigIssue(filename, None, "", f"cannot read the file: {exc.strerror or exc}")
+        raise ConfigError([issue]) from None
+    except UnicodeDecodeError as exc:
+        issue = ConfigIssue(filename, None, "", f"not UTF-8 text (byte {exc.start})")
+        raise ConfigError([issue]) from None
+    return parse_config(
+        text,
+        filename=filename,
+        env=os.environ if env is None else env,
+        base_dir=Path(path).absolute().parent,
+    )

@@ -1,0 +1,263 @@
+"""Delivery from the outbox to one webhook: a dispatcher per webhook, retries, dead letters.
+
+The pure half decides what an answer means (`judge`) and when to try again (`retry_delay`); the
+`Dispatcher` claims due rows from the outbox, POSTs them with Standard Webhooks signatures, and
+records each outcome. One dispatcher per webhook, so a slow or dead receiver only ever holds back
+its own queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import aiohttp
+import structlog
+
+from relayd import __version__
+from relayd.config import RetryConfig, WebhookConfig
+from relayd.graph import parse_retry_after
+from relayd.outbox import AttemptResult, Delivery, Outbox, State
+from relayd.signing import decode_secret, signature_headers
+
+log = structlog.get_logger("relayd.delivery")
+
+USER_AGENT = f"relayd/{__version__}"
+RESPONSE_KEEP = 1024  # bytes of a receiver's answer kept with the attempt, for `outbox list`
+JITTER = 0.2  # +-20 %, so retries after a shared outage do not arrive in lockstep
+# While idle, look at the store this often anyway: `relayd outbox replay` run from another process
+# puts rows back without telling us.
+IDLE_POLL = 2.0
+
+Verdict = Literal["delivered", "retry", "dead"]
+
+
+def judge(status: int | None) -> Verdict:
+    """What an attempt's outcome means. `None` is a network error or a timeout.
+
+    Only 2xx delivers. Redirects are not followed (a receiver that moved must be reconfigured, not
+    guessed at). 408, 429 and 5xx are worth retrying; other 4xx, 410 included, will not get better
+    by asking again.
+    """
+    if status is None:
+        return "retry"
+    if 200 <= status < 300:
+        return "delivered"
+    if status in (408, 429) or status >= 500:
+        return "retry"
+    return "dead"
+
+
+def retry_delay(
+    attempts: int,
+    policy: RetryConfig,
+    *,
+    retry_after: float | None = None,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds until the next attempt, after `attempts` failed ones (1 or more).
+
+    Exponential from `initial_delay`, capped at `max_delay`, with +-20 % jitter. A receiver's
+    Retry-After wins when it asks for longer, and is itself capped at `max_delay`.
+    """
+    base: float = policy.initial_delay * 2.0 ** min(max(attempts - 1, 0), 62)
+    delay = min(base, policy.max_delay) * (1 - JITTER + 2 * JITTER * rand())
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return min(delay, policy.max_delay)
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What happened on the wire for one POST."""
+
+    status: int | None
+    error: str | None
+    latency: float
+    response: str | None
+    retry_after: float | None
+
+
+def conclude(row: Delivery, attempt: Attempt, policy: RetryConfig, now: float) -> AttemptResult:
+    """Turn one attempt into the row's next state; pure."""
+    verdict = judge(attempt.status)
+    next_attempt: float | None = None
+    state = State.DELIVERED
+    error = attempt.error
+    if verdict == "retry":
+        next_attempt = now + retry_delay(row.attempts + 1, policy, retry_after=attempt.retry_after)
+        if next_attempt - row.retry_from > policy.max_age:
+            state, next_attempt = State.DEAD, None
+            error = f"{error or f'HTTP {attempt.status}'}; gave up after max_age"
+        else:
+            state = State.PENDING
+    elif verdict == "dead":
+        state = State.DEAD
+    return AttemptResult(
+        id=row.id,
+        state=state,
+        attempted_at=now,
+        next_attempt=next_attempt,
+        status=attempt.status,
+        error=error,
+        latency=attempt.latency,
+        response=attempt.response,
+    )
+
+
+class Dispatcher:
+    """Delivers one webhook's queue until stopped."""
+
+    def __init__(
+        self,
+        name: str,
+        config: WebhookConfig,
+        outbox: Outbox,
+        session: aiohttp.ClientSession,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._outbox = outbox
+        self._session = session
+        self._clock = clock
+        self._keys = tuple(decode_secret(secret) for secret in config.secret)
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout)
+        self._limit = 1 if config.ordered else config.concurrency
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._in_flight: dict[asyncio.Task[None], int] = {}  # task -> row id
+        self._log = log.bind(webhook=name)
+
+    def wake(self) -> None:
+        """New rows for this webhook were committed."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Take no new rows; `run` returns once the attempts under way end or are cancelled."""
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self, *, grace: float = 5.0) -> None:
+        """Deliver until `stop()`; then give attempts under way `grace` seconds to finish."""
+        try:
+            while not self._stopping:
+                await self._fill()
+                if self._stopping:
+                    break
+                await self._idle()
+        finally:
+            await self._drain(grace)
+
+    async def _fill(self) -> None:
+        free = self._limit - len(self._in_flight)
+        if free <= 0:
+            return
+        rows = await self._outbox.claim(self.name, free, ordered=self.config.ordered)
+        for row in rows:
+            task = asyncio.create_task(self._deliver(row), name=f"relayd-deliver-{row.id}")
+            self._in_flight[task] = row.id
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        self._wake.set()
+        if not task.cancelled() and task.exception() is not None:
+            # _deliver records every outcome itself; reaching here means the store failed.
+            self._log.error("delivery bookkeeping failed", error=str(task.exception()))
+
+    async def _idle(self) -> None:
+        """Sleep until something may be claimable: a new row, a freed slot, a due retry."""
+        if self._wake.is_set():
+            self._wake.clear()
+            return
+        timeout = IDLE_POLL
+        if len(self._in_flight) < self._limit:
+            due = await self._outbox.next_due(self.name)
+            if due is not None:
+                timeout = min(timeout, max(0.0, due - self._clock()))
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    async def _drain(self, grace: float) -> None:
+        if not self._in_flight:
+            return
+        under_way = dict(self._in_flight)
+        _, late = await asyncio.wait(under_way, timeout=grace)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
+        # Cancelled attempts leave their rows in flight; put them back now so that
+        # `outbox status` tells the truth (the next start would do it anyway). Rows whose result
+        # was already recorded are left alone: release only touches rows still in flight.
+        await self._outbox.release(under_way[task] for task in late)
+
+    async def _deliver(self, row: Delivery) -> None:
+        attempt = await self.post(row)
+        result = conclude(row, attempt, self.config.retry, self._clock())
+        self._report(row, result)
+        await self._outbox.record([result])
+
+    async def post(self, row: Delivery) -> Attempt:
+        """One POST of a row's body, exactly as stored."""
+        headers = {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            **self.config.headers,
+            **signature_headers(self._keys, row.message_id, int(self._clock()), row.body),
+        }
+        started = time.monotonic()
+        try:
+            async with self._session.post(
+                self.config.url,
+                data=row.body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                answer = await response.content.read(RESPONSE_KEEP)
+                return Attempt(
+                    status=response.status,
+                    error=None if 200 <= response.status < 300 else f"HTTP {response.status}",
+                    latency=time.monotonic() - started,
+                    response=answer.decode("utf-8", "replace") or None,
+                    retry_after=parse_retry_after(response.headers.get("Retry-After")),
+                )
+        except TimeoutError:
+            error = f"timeout after {self.config.timeout:g}s"
+        except aiohttp.ClientError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        return Attempt(
+            status=None,
+            error=error,
+            latency=time.monotonic() - started,
+            response=None,
+            retry_after=None,
+        )
+
+    def _report(self, row: Delivery, result: AttemptResult) -> None:
+        fields = {
+            "message_id": row.message_id,
+            "drive": row.drive,
+            "attempt": row.attempts + 1,
+            "status": result.status,
+            "latency_ms": round((result.latency or 0) * 1000, 1),
+        }
+        if result.state is State.DELIVERED:
+            self._log.debug("delivered", **fields)
+        elif result.state is State.PENDING:
+            retry_in = round((result.next_attempt or 0) - result.attempted_at, 1)
+            self._log.warning(
+                "delivery failed, will retry", error=result.error, retry_in=retry_in, **fields
+            )
+        else:
+            self._log.error("delivery failed, dead-lettered", error=result.error, **fields)

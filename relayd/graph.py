@@ -1,0 +1,253 @@
+"""Microsoft Graph's socketIo endpoint: what it answers, how to read it, how to ask for it.
+
+The pure half (no I/O) turns Graph's answers into typed values: the subscription, the Socket.IO
+target hidden in its notificationUrl, the notification event's JSON-string payload, and Graph's JSON
+error bodies. The I/O half is `GraphClient.socketio_endpoint`, one authenticated GET.
+
+The protocol facts behind every choice here are in docs/graph-socketio.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from relayd.config import resource_path
+
+# A notification is a few hundred bytes. Anything far larger is not one, and parsing it would
+# only let a broken or hostile peer spend our memory.
+MAX_EVENT_BYTES = 256 * 1024
+
+
+@dataclass(frozen=True)
+class SocketTarget:
+    """Where to connect for one notificationUrl.
+
+    Graph's notificationUrl is not an Engine.IO URL: its path is the Socket.IO namespace and its
+    query string is an opaque credential that must reach the server unchanged.
+    """
+
+    server_url: str  # scheme://host[:port]?query, what python-socketio's connect() takes
+    namespace: str
+    display: str  # scheme://host/path with the query hidden: safe to log
+
+    def __repr__(self) -> str:  # the query is a credential; keep it out of reprs and tracebacks
+        return f"SocketTarget({self.display!r}, namespace={self.namespace!r})"
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """A socketIo endpoint handed out by Graph."""
+
+    id: str
+    target: SocketTarget
+    expires_at: datetime | None  # absent in Graph's docs, present in real answers
+
+
+class InvalidGraphResponse(ValueError):
+    """Graph answered 2xx with something that is not a usable subscription."""
+
+
+class MalformedNotification(ValueError):
+    """A `notification` event whose payload is not what Graph sends."""
+
+
+class GraphError(Exception):
+    """Graph answered a request with an error status."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
+        super().__init__(f"Graph answered {status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retry_after = retry_after
+
+    @property
+    def not_supported(self) -> bool:
+        """The drive cannot be watched over socketIo (seen on some business tenants)."""
+        return self.status == 400 and self.code.lower() == "notsupported"
+
+    @property
+    def throttled(self) -> bool:
+        return self.status in (429, 503)
+
+    @property
+    def unauthorized(self) -> bool:
+        return self.status == 401
+
+
+def parse_notification_url(url: str) -> SocketTarget:
+    """Split a notificationUrl into the Engine.IO server URL and the Socket.IO namespace.
+
+    Two forms are in use: `https://HOST/notifications?token=...` (namespace `/notifications`) and
+    the older documented `https://HOST/zbaehwg/callback?snthgk=...` (namespace `/zbaehwg`).
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+        raise InvalidGraphResponse("notificationUrl is not an absolute http(s) URL")
+    path = parts.path.rstrip("/")
+    if path.endswith("/callback"):
+        path = path[: -len("/callback")]
+    if not path:
+        raise InvalidGraphResponse("notificationUrl has no path, so no Socket.IO namespace")
+    scheme = {"ws": "http", "wss": "https"}.get(parts.scheme, parts.scheme)
+    server_url = f"{scheme}://{parts.netloc}"
+    if parts.query:
+        server_url += f"?{parts.query}"
+    return SocketTarget(
+        server_url=server_url, namespace=path, display=f"{scheme}://{parts.netloc}{parts.path}"
+    )
+
+
+def parse_timestamp(value: str) -> datetime:
+    """Parse Graph's RFC 3339 timestamps (`2025-12-24T03:32:50.88Z`, up to 7 fraction digits)."""
+    text = value.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    # Python before 3.11 accepted only 3 or 6 fraction digits; Graph sends 2 to 7. Normalise to 6.
+    head, sep, tail = text.partition(".")
+    if sep:
+        digits = len(tail) - len(tail.lstrip("0123456789"))
+        tail = (tail[:digits] + "000000")[:6] + tail[digits:]
+        text = f"{head}.{tail}"
+    parsed = datetime.fromisoformat(text)
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def parse_subscription(body: object) -> Subscription:
+    """Read the socketIo endpoint's JSON answer."""
+    if not isinstance(body, Mapping):
+        raise InvalidGraphResponse("socketIo endpoint answer is not a JSON object")
+    url = body.get("notificationUrl")
+    if not isinstance(url, str) or not url:
+        raise InvalidGraphResponse("socketIo endpoint answer has no notificationUrl")
+    sub_id = body.get("id")
+    expires_at = None
+    expiry = body.get("expirationDateTime")
+    if isinstance(expiry, str):
+        try:
+            expires_at = parse_timestamp(expiry)
+        except ValueError as exc:
+            raise InvalidGraphResponse(f"expirationDateTime {expiry!r} is not a timestamp") from exc
+    return Subscription(
+        id=sub_id if isinstance(sub_id, str) else "",
+        target=parse_notification_url(url),
+        expires_at=expires_at,
+    )
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Retry-After as seconds: either a number of seconds or an HTTP date."""
+    if value is None:
+        return None
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(text)
+        except (TypeError, ValueError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def parse_graph_error(status: int, body: bytes, headers: Mapping[str, str]) -> GraphError:
+    """Graph's errors are `{"error": {"code": ..., "message": ...}}`; proxies send anything."""
+    code, message = "unknown", body[:200].decode("utf-8", "replace").strip() or "no body"
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        error = payload["error"]
+        code = str(error.get("code") or code)
+        message = str(error.get("message") or "")
+    return GraphError(
+        status, code, message, retry_after=parse_retry_after(headers.get("Retry-After"))
+    )
+
+
+def parse_notification_event(payload: object) -> list[dict[str, Any]]:
+    """Read a `notification` event's argument: a JSON *string* holding `{"value": [item, ...]}`.
+
+    Items are returned exactly as received (unknown fields included). Anything else raises
+    MalformedNotification saying what was wrong, never echoing the payload itself.
+    """
+    if isinstance(payload, bytes | bytearray):
+        payload = bytes(payload).decode("utf-8", "replace")
+    if not isinstance(payload, str):
+        raise MalformedNotification(
+            f"argument is of type {type(payload).__name__}, expected a JSON string"
+        )
+    if len(payload) > MAX_EVENT_BYTES:
+        raise MalformedNotification(
+            f"argument is {len(payload)} characters, over {MAX_EVENT_BYTES}"
+        )
+    try:
+        document = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise MalformedNotification(f"argument is not JSON ({exc.msg} at {exc.pos})") from None
+    if not isinstance(document, dict) or "value" not in document:
+        raise MalformedNotification("JSON has no 'value' member")
+    items = document["value"]
+    if not isinstance(items, list):
+        raise MalformedNotification("'value' is not a list")
+    if not all(isinstance(item, dict) for item in items):
+        raise MalformedNotification("'value' holds something that is not an object")
+    return items
+
+
+TokenSource = Callable[[str | None], Awaitable[str]]
+"""Gives a bearer token. Called with the token that was just refused (401), or None."""
+
+
+class GraphClient:
+    """Asks Graph for socketIo endpoints. One per process; safe to share between drives."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, timeout: float = 30.0):
+        self._session = session
+        self._base_url = base_url.rstrip("/")
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    def endpoint_url(self, resource: str) -> str:
+        return f"{self._base_url}/{resource_path(resource)}/root/subscriptions/socketIo"
+
+    async def socketio_endpoint(self, resource: str, token: TokenSource) -> Subscription:
+        """GET the drive's socketIo endpoint. A 401 gets one retry with a fresh token."""
+        refused: str | None = None
+        while True:
+            bearer = await token(refused)
+            async with self._session.get(
+                self.endpoint_url(resource),
+                headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                body = await response.read()
+                if response.status == 200:
+                    try:
+                        return parse_subscription(json.loads(body))
+                    except ValueError as exc:
+                        raise InvalidGraphResponse(str(exc)) from None
+                error = parse_graph_error(response.status, body, response.headers)
+            if error.unauthorized and refused is None:
+                refused = bearer
+                continue
+            raise error

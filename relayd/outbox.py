@@ -1,0 +1,510 @@
+"""The durable outbox: every notification is on disk before anything else happens to it.
+
+A Socket.IO notification cannot be asked for again, so each one is written to SQLite (WAL mode,
+fsync on commit) as the exact body bytes that will be POSTed, one row per (notification, webhook).
+Dispatchers deliver from here, and what exhausts its retries stays here as a dead letter for replay.
+
+All access goes through one thread that owns the connection. Operations queue up while a commit
+is under way and the next commit takes all of them in one transaction (group commit), so an fsync
+is shared by every notification, claim and result that arrived in the meantime. Each operation
+runs in its own savepoint: one that fails does not undo the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, TypeVar
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    id            INTEGER PRIMARY KEY,
+    message_id    TEXT    NOT NULL,   -- webhook-id: the same on every attempt
+    webhook       TEXT    NOT NULL,
+    drive         TEXT    NOT NULL,
+    body          BLOB    NOT NULL,   -- fixed at receipt, sent byte for byte on every attempt
+    created       REAL    NOT NULL,
+    retry_from    REAL    NOT NULL,   -- max_age counts from here (reset by a replay)
+    state         TEXT    NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  REAL    NOT NULL,
+    last_attempt  REAL,
+    last_status   INTEGER,
+    last_error    TEXT,
+    last_latency  REAL,
+    last_response TEXT,
+    finished      REAL
+);
+CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (webhook, state, next_attempt, id);
+CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (state, finished);
+"""
+
+
+class State(StrEnum):
+    PENDING = "pending"
+    INFLIGHT = "inflight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class OutboxError(Exception):
+    """The store cannot be used (corrupt, unwritable, closed). The message names the file."""
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    message_id: str
+    webhook: str
+    drive: str
+    body: bytes
+    created: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A claimed row: what a dispatcher needs to make one attempt."""
+
+    id: int
+    message_id: str
+    webhook: str
+    drive: str
+    body: bytes
+    created: float
+    retry_from: float
+    attempts: int  # attempts made before this one
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one attempt came to, and what happens to the row next."""
+
+    id: int
+    state: State  # DELIVERED, DEAD, or PENDING again for a retry
+    attempted_at: float
+    next_attempt: float | None = None
+    status: int | None = None
+    error: str | None = None
+    latency: float | None = None
+    response: str | None = None
+
+
+@dataclass(frozen=True)
+class Filter:
+    """Selects rows for `outbox status|list|replay|purge`. Empty fields select everything."""
+
+    webhook: str | None = None
+    drive: str | None = None
+    state: State | None = None
+    since: float | None = None  # created at or after (Unix seconds)
+    until: float | None = None  # created before
+
+    def where(self) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("webhook", self.webhook), ("drive", self.drive)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.state is not None:
+            clauses.append("state = ?")
+            params.append(self.state.value)
+        if self.since is not None:
+            clauses.append("created >= ?")
+            params.append(self.since)
+        if self.until is not None:
+            clauses.append("created < ?")
+            params.append(self.until)
+        return (" AND ".join(clauses) or "1"), params
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts per (webhook, state), and the oldest pending row's creation time per webhook."""
+
+    counts: dict[tuple[str, State], int]
+    oldest_pending: dict[str, float]
+
+    def backlog(self, webhook: str) -> int:
+        return self.counts.get((webhook, State.PENDING), 0) + self.counts.get(
+            (webhook, State.INFLIGHT), 0
+        )
+
+
+_ROW_COLUMNS = "id, message_id, webhook, drive, body, created, retry_from, attempts"
+
+
+class Outbox:
+    """`async with Outbox(path) as outbox:` opens the store and owns its writer task."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        recover: bool = True,
+        on_insert: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """`recover` puts rows left in flight by a previous run back in the queue: only the
+        daemon does that, never a CLI command opening the store beside it."""
+        self.path = path
+        self._recover = recover
+        self._on_insert = on_insert
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-outbox")
+        self._connection: sqlite3.Connection | None = None
+        self._queue: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- life cycle ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self._call(self._open)
+        self._writer = asyncio.create_task(self._write_loop(), name="relayd-outbox-writer")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Commit what is queued, then close. Safe to call twice."""
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            try:
+                await self._writer
+            finally:
+                self._writer = None
+        if self._connection is not None:
+            await self._call(self._close_connection)
+        self._executor.shutdown(wait=True)
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from None
+        try:
+            connection.execute("PRAGMA busy_timeout = 10000")  # a CLI command may hold a write
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            # FULL: a committed notification survives power loss, not only a killed process.
+            connection.execute("PRAGMA synchronous = FULL")
+            version = connection.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise OutboxError(
+                    f"{self.path}: written by a newer relayd (schema {version});"
+                    " refusing to touch it"
+                )
+            connection.execute("BEGIN IMMEDIATE")  # proves the file is writable, now, not later
+            # Not executescript(): it would commit the transaction opened above.
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if self._recover:
+                connection.execute(
+                    "UPDATE deliveries SET state = ? WHERE state = ?",
+                    (State.PENDING.value, State.INFLIGHT.value),
+                )
+            connection.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            connection.close()
+            raise OutboxError(f"{self.path}: not a usable SQLite outbox: {exc}") from None
+        except OutboxError:
+            connection.close()
+            raise
+        self._connection = connection
+
+    def _close_connection(self) -> None:
+        assert self._connection is not None
+        self._connection.close()
+        self._connection = None
+
+    async def _call(self, function: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function)
+
+    # -- group commit ----------------------------------------------------------------------------
+
+    async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closing or self._writer is None:
+            raise OutboxError(f"{self.path}: the outbox is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((operation, future))
+        self._wake.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            batch, self._queue = self._queue, []
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+        operations = [operation for operation, _ in batch]
+        try:
+            # Shielded: a cancelled writer must still learn how the transaction ended, so that no
+            # caller is told "written" for a row that is not, or the reverse.
+            outcomes = await asyncio.shield(self._call(lambda: self._run_batch(operations)))
+        except Exception as exc:
+            # A failed commit (disk full, say) fails this batch only: its callers still hold
+            # their rows and try again, and the next batch may well succeed.
+            outcomes = [(False, exc)] * len(batch)
+        except BaseException:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(OutboxError(f"{self.path}: the outbox is closing"))
+            raise
+        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller gave up waiting; the work is done all the same
+                continue
+            if ok:
+                future.set_result(value)
+            else:
+                future.set_exception(value)
+
+    def _run_batch(self, operations: Sequence[Operation]) -> list[tuple[bool, Any]]:
+        connection = self._connection
+        if connection is None:
+            raise OutboxError(f"{self.path}: the outbox is closed")
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+            for operation in operations:
+                connection.execute("SAVEPOINT operation")
+                try:
+                    value = operation(connection)
+                except Exception as exc:
+                    connection.execute("ROLLBACK TO operation")
+                    outcomes.append((False, exc))
+                else:
+                    outcomes.append((True, value))
+                connection.execute("RELEASE operation")
+            connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise OutboxError(f"{self.path}: commit failed: {exc}") from None
+        return outcomes
+
+    # -- the daemon's operations -----------------------------------------------------------------
+
+    async def add(self, deliveries: Sequence[NewDelivery]) -> None:
+        """Returns once the rows are committed to disk."""
+        if not deliveries:
+            return
+        rows = [
+            (
+                d.message_id,
+                d.webhook,
+                d.drive,
+                d.body,
+                d.created,
+                d.created,
+                State.PENDING,
+                d.created,
+            )
+            for d in deliveries
+        ]
+
+        def insert(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "INSERT INTO deliveries (message_id, webhook, drive, body, created, retry_from,"
+                " state, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+
+        await self._submit(insert)
+        if self._on_insert is not None:
+            for webhook in {d.webhook for d in deliveries}:
+                self._on_insert(webhook)
+
+    async def claim(self, webhook: str, limit: int, *, ordered: bool = False) -> list[Delivery]:
+        """Take up to `limit` rows that are due now and mark them in flight.
+
+        Ordered webhooks get only the oldest waiting row, and only when nothing is in flight, so
+        a retrying row holds back everything behind it.
+        """
+        now = self._clock()
+
+        def take(connection: sqlite3.Connection) -> list[Delivery]:
+            if ordered:
+                busy = connection.execute(
+                    "SELECT 1 FROM deliveries WHERE webhook = ? AND state = ? LIMIT 1",
+                    (webhook, State.INFLIGHT.value),
+                ).fetchone()
+                if busy:
+                    return []
+                rows = connection.execute(
+                    f"SELECT {_ROW_COLUMNS}, next_attempt FROM deliveries"
+                    " WHERE webhook = ? AND state = ? ORDER BY id LIMIT 1",
+                    (webhook, State.PENDING.value),
+                ).fetchall()
+                rows = [row[:-1] for row in rows if row[-1] <= now]
+            else:
+                rows = connection.execute(
+                    f"SELECT {_ROW_COLUMNS} FROM deliveries WHERE webhook = ? AND state = ?"
+                    " AND next_attempt <= ? ORDER BY next_attempt, id LIMIT ?",
+                    (webhook, State.PENDING.value, now, limit),
+                ).fetchall()
+            connection.executemany(
+                "UPDATE deliveries SET state = ? WHERE id = ?",
+                [(State.INFLIGHT.value, row[0]) for row in rows],
+            )
+            return [Delivery(*row) for row in rows]
+
+        return await self._submit(take)
+
+    async def next_due(self, webhook: str) -> float | None:
+        """When the earliest waiting row for the webhook becomes due, if any waits."""
+
+        def query(connection: sqlite3.Connection) -> float | None:
+            row = connection.execute(
+                "SELECT MIN(next_attempt) FROM deliveries WHERE webhook = ? AND state = ?",
+                (webhook, State.PENDING.value),
+            ).fetchone()
+            return None if row is None or row[0] is None else float(row[0])
+
+        return await self._submit(query)
+
+    async def record(self, results: Iterable[AttemptResult]) -> None:
+        """Store what attempts came to: delivered, dead, or pending again with a next attempt."""
+        rows = [
+            (
+                r.state.value,
+                r.next_attempt if r.next_attempt is not None else r.attempted_at,
+                r.attempted_at,
+                r.status,
+                r.error,
+                r.latency,
+                r.response,
+                r.attempted_at if r.state in (State.DELIVERED, State.DEAD) else None,
+                r.id,
+            )
+            for r in results
+        ]
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE deliveries SET state = ?, next_attempt = ?, attempts = attempts + 1,"
+                " last_attempt = ?, last_status = ?, last_error = ?, last_latency = ?,"
+                " last_response = ?, finished = ? WHERE id = ?",
+                rows,
+            )
+
+        await self._submit(update)
+
+    async def release(self, ids: Iterable[int]) -> None:
+        """Put claimed rows back untouched (a shutdown interrupted their attempt)."""
+        params = [(State.PENDING.value, row_id, State.INFLIGHT.value) for row_id in ids]
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE deliveries SET state = ? WHERE id = ? AND state = ?", params
+            )
+
+        await self._submit(update)
+
+    async def prune(self, delivered_before: float) -> int:
+        """Forget delivered rows that finished before the given time."""
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "DELETE FROM deliveries WHERE state = ? AND finished < ?",
+                (State.DELIVERED.value, delivered_before),
+            )
+            return cursor.rowcount
+
+        return int(await self._submit(delete))
+
+    # -- inspection and repair (the `relayd outbox` commands; safe beside a running daemon) -----
+
+    async def summary(self, selection: Filter = Filter()) -> Summary:
+        where, params = selection.where()
+
+        def query(connection: sqlite3.Connection) -> Summary:
+            counts = {
+                (webhook, State(state)): count
+                for webhook, state, count in connection.execute(
+                    f"SELECT webhook, state, COUNT(*) FROM deliveries WHERE {where}"
+                    " GROUP BY webhook, state",
+                    params,
+                )
+            }
+            oldest = dict(
+                connection.execute(
+                    f"SELECT webhook, MIN(created) FROM deliveries WHERE {where} AND state IN"
+                    " ('pending', 'inflight') GROUP BY webhook",
+                    params,
+                ).fetchall()
+            )
+            return Summary(counts=counts, oldest_pending=oldest)
+
+        return await self._submit(query)
+
+    async def rows(self, selection: Filter = Filter(), *, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows without their bodies, newest first, for `relayd outbox list`."""
+        where, params = selection.where()
+
+        def query(connection: sqlite3.Connection) -> list[dict[str, Any]]:
+            cursor = connection.execute(
+                "SELECT id, message_id, webhook, drive, state, created, attempts, next_attempt,"
+                " last_attempt, last_status, last_error, last_latency, last_response"
+                f" FROM deliveries WHERE {where} ORDER BY id DESC LIMIT ?",
+                [*params, limit],
+            )
+            names = [column[0] for column in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor]
+
+        return await self._submit(query)
+
+    async def replay(self, selection: Filter) -> int:
+        """Put dead rows back in the queue, due now, with a fresh max_age."""
+        where, params = selection.where()
+        now = self._clock()
+
+        def update(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                "UPDATE deliveries SET state = ?, next_attempt = ?, retry_from = ?,"
+                f" finished = NULL WHERE {where} AND state = ?",
+                [State.PENDING.value, now, now, *params, State.DEAD.value],
+            )
+            return cursor.rowcount
+
+        return int(await self._submit(update))
+
+    async def purge(self, selection: Filter) -> int:
+        """Delete the selected rows that are finished (dead or delivered); never queued ones."""
+        where, params = selection.where()
+
+        def delete(connection: sqlite3.Connection) -> int:
+            cursor = connection.execute(
+                f"DELETE FROM deliveries WHERE {where} AND state IN ('dead', 'delivered')", params
+            )
+            return cursor.rowcount
+
+        return int(await self._submit(delete))

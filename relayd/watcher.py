@@ -1,0 +1,482 @@
+"""One drive's watcher: holds its socketIo connection and writes what arrives to the outbox.
+
+Life of a watcher: fetch the socketIo endpoint, connect, relay notifications; before the endpoint
+expires, fetch a fresh one, connect to it, then close the old socket (make before break); when the
+connection drops, the server says goodbye, or the line goes silent, reconnect with a fresh endpoint
+and jittered exponential backoff, for as long as the drive is configured.
+
+Notifications go into a bounded per-drive queue, in arrival order, and one pump writes them to the
+outbox. When the store falls behind, the queue fills and the socket's reads wait, so TCP pushes back
+on the sender instead of memory growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import aiohttp
+import engineio
+import socketio
+import structlog
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from relayd.auth import AuthError, TokenProvider
+from relayd.config import DriveConfig
+from relayd.events import notification_deliveries
+from relayd.graph import (
+    GraphClient,
+    GraphError,
+    InvalidGraphResponse,
+    MalformedNotification,
+    Subscription,
+    parse_notification_event,
+)
+from relayd.outbox import NewDelivery, OutboxError
+
+# Renew this long before the endpoint expires (known clients use two minutes) ...
+RENEW_MARGIN = 120.0
+# ... but never later than half the remaining lifetime (a short lifetime must not turn into a
+# renewal loop), never sooner than this floor ...
+RENEW_FLOOR = 5.0
+# ... and every 30 minutes when Graph gives no expiry at all.
+RENEW_WITHOUT_EXPIRY = 30 * 60.0
+
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 60.0
+NOT_SUPPORTED_RETRY = 15 * 60.0  # "this drive cannot be watched": ask again, rarely
+NEEDS_LOGIN_RETRY = 60.0  # an account waiting for `relayd login`
+HEALTHY_CONNECTION = 30.0  # a connection that lived this long resets the backoff
+CONNECT_TIMEOUT = 15.0
+QUEUE_ITEMS = 1000  # notifications held in memory per drive before the socket waits
+DEDUPE_WINDOW = 10.0  # during a switch-over, the same notification from the other socket is a copy
+OUTBOX_RETRY = 1.0
+
+Sink = Callable[[Sequence[NewDelivery]], Awaitable[None]]
+
+
+class DriveState(StrEnum):
+    STARTING = "starting"
+    CONNECTED = "connected"
+    RECONNECTING = "reconnecting"
+    NOT_SUPPORTED = "not_supported"  # Graph said 400 notSupported for this drive
+    NEEDS_LOGIN = "needs_login"  # the account cannot produce a token without a person
+    STOPPED = "stopped"
+
+
+@dataclass
+class DriveStatus:
+    """What a watcher reports about itself (for logs, `relayd status`, metrics)."""
+
+    state: DriveState = DriveState.STARTING
+    since: float = field(default_factory=time.time)
+    last_notification: float | None = None
+    last_error: str | None = None
+    received: int = 0
+    malformed: int = 0
+    duplicates: int = 0
+    reconnects: int = 0
+    renewals: int = 0
+    endpoint: str | None = None  # the notificationUrl without its query: safe to show
+
+    def enter(self, state: DriveState, error: str | None = None) -> None:
+        if state != self.state:
+            self.state = state
+            self.since = time.time()
+        self.last_error = error
+
+
+def renewal_delay(expires_at: datetime | None, now: datetime) -> float:
+    """Seconds from `now` until a fresh endpoint should be fetched; pure."""
+    if expires_at is None:
+        return RENEW_WITHOUT_EXPIRY
+    remaining = (expires_at - now).total_seconds()
+    return max(RENEW_FLOOR, max(remaining - RENEW_MARGIN, remaining / 2))
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    initial: float = BACKOFF_INITIAL,
+    cap: float = BACKOFF_MAX,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, capped; pure.
+
+    The random half spreads thousands of drives that lost their connections at the same moment.
+    """
+    base: float = min(cap, initial * 2.0 ** min(max(attempt - 1, 0), 30))
+    return base / 2 + rand() * base / 2
+
+
+def connect_wait(state: RetryCallState) -> float:
+    """tenacity wait: how long to wait after a failed attempt to fetch and connect."""
+    error = state.outcome.exception() if state.outcome else None
+    delay = backoff_delay(state.attempt_number)
+    if isinstance(error, GraphError):
+        if error.not_supported:
+            return NOT_SUPPORTED_RETRY * (0.9 + 0.2 * random.random())
+        if error.retry_after is not None:
+            return max(delay, error.retry_after)
+    if isinstance(error, AuthError) and error.needs_login:
+        return max(delay, NEEDS_LOGIN_RETRY)
+    return delay
+
+
+def dedupe_key(item: Mapping[str, Any]) -> str:
+    """The notification minus what differs between two subscriptions of one drive."""
+    kept = {
+        k: v
+        for k, v in item.items()
+        if k
+        not in (
+            "subscriptionId",
+            "clientState",
+            "expirationDateTime",
+            "subscriptionExpirationDateTime",
+        )
+    }
+    return json.dumps(kept, sort_keys=True, separators=(",", ":"))
+
+
+class ConnectionLost(Exception):
+    """The socket is gone; the watcher fetches a fresh endpoint and connects again."""
+
+
+class _InlineEngineIOClient(engineio.AsyncClient):  # type: ignore[misc]
+    """Runs message handlers in the read loop instead of a task per message.
+
+    python-engineio starts a task for every message: unbounded, and unordered as soon as a handler
+    awaits. Inline, messages are handled in arrival order and a full drive queue stops the reads.
+    """
+
+    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "message":
+            kwargs["run_async"] = False
+        return await super()._trigger_event(event, *args, **kwargs)
+
+
+class _SocketClient(socketio.AsyncClient):  # type: ignore[misc]
+    def _engineio_client_class(self) -> type[engineio.AsyncClient]:
+        return _InlineEngineIOClient
+
+
+class DriveWatcher:
+    """Watches one drive until stopped. `run()` is its whole life; `stop()` ends it cleanly."""
+
+    def __init__(
+        self,
+        drive: DriveConfig,
+        *,
+        graph: GraphClient,
+        tokens: TokenProvider,
+        sink: Sink,
+        socket_session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.drive = drive
+        self.status = DriveStatus()
+        self._graph = graph
+        self._tokens = tokens
+        self._sink = sink
+        self._socket_session = socket_session
+        self._queue: asyncio.Queue[tuple[list[dict[str, Any]], float]] = asyncio.Queue(QUEUE_ITEMS)
+        self._stopping = asyncio.Event()
+        self._generation = 0
+        self._recent: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._sockets = 0  # open connections: two only during a switch-over
+        self._dedupe_until = 0.0
+        self.log = structlog.get_logger("relayd.watcher").bind(drive=drive.name)
+
+    def stop(self) -> None:
+        """Stop taking notifications; `run()` returns once what arrived is in the outbox."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        pump = asyncio.create_task(self._pump(), name=f"relayd-pump-{self.drive.name}")
+        try:
+            await self._watch()
+            # Closed sockets bring nothing new: write out what is queued, then stop.
+            await self._queue.join()
+        finally:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+            self.status.enter(DriveState.STOPPED)
+
+    # -- connection management ------------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        current: _Connection | None = None
+        try:
+            while not self._stopping.is_set():
+                if current is None:
+                    current = await self._connect_with_backoff()
+                    if current is None:
+                        return  # stopped while trying
+                renew_in = renewal_delay(current.subscription.expires_at, datetime.now(UTC))
+                outcome = await self._until_lost_or(current, renew_in)
+                if outcome == "stop":
+                    return
+                if outcome == "lost":
+                    self.status.reconnects += 1
+                    self.status.enter(DriveState.RECONNECTING, current.lost_reason)
+                    self.log.warning("connection lost", reason=current.lost_reason)
+                    await current.close()
+                    if current.age < HEALTHY_CONNECTION:
+                        # It died young: pause before hammering Graph again.
+                        await self._pause(backoff_delay(max(1, self.status.reconnects)))
+                    current = None
+                    continue
+                current = await self._renew(current)
+        finally:
+            if current is not None:
+                await current.close()
+
+    async def _until_lost_or(self, connection: _Connection, seconds: float) -> str:
+        """ "lost", "stop", or "renew" once `seconds` have passed with the connection up."""
+        lost = asyncio.create_task(connection.lost.wait())
+        stop = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {lost, stop}, timeout=seconds, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            for task in (lost, stop):
+                task.cancel()
+            await asyncio.gather(lost, stop, return_exceptions=True)
+        if stop in done:
+            return "stop"
+        return "lost" if lost in done else "renew"
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _connect_with_backoff(self) -> _Connection | None:
+        """Fetch an endpoint and connect, retrying for as long as the drive is configured."""
+        retrying = AsyncRetrying(
+            wait=connect_wait,
+            retry=retry_if_exception_type(
+                (
+                    GraphError,
+                    AuthError,
+                    InvalidGraphResponse,
+                    ConnectionLost,
+                    OSError,
+                    aiohttp.ClientError,
+                    TimeoutError,
+                    socketio.exceptions.ConnectionError,
+                )
+            ),
+            before_sleep=self._before_retry,
+            sleep=self._pause,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                if self._stopping.is_set():
+                    return None
+                connection = await self._open()
+                self.status.enter(DriveState.CONNECTED)
+                return connection
+        return None  # pragma: no cover - tenacity either returns or raises above
+
+    def _before_retry(self, state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        delay = state.next_action.sleep if state.next_action else 0.0
+        if isinstance(error, GraphError) and error.not_supported:
+            self.status.enter(DriveState.NOT_SUPPORTED, str(error))
+            self.log.error(
+                "this drive cannot be watched over socketIo (Graph answered 400 notSupported);"
+                " asking again later",
+                retry_in=round(delay),
+            )
+            return
+        if isinstance(error, AuthError) and error.needs_login:
+            self.status.enter(DriveState.NEEDS_LOGIN, str(error))
+        else:
+            self.status.enter(DriveState.RECONNECTING, describe(error))
+        self.log.warning(
+            "cannot connect, will retry",
+            error=describe(error),
+            retry_in=round(delay, 1),
+            attempt=state.attempt_number,
+        )
+
+    async def _open(self) -> _Connection:
+        subscription = await self._graph.socketio_endpoint(self.drive.resource, self._tokens.token)
+        self.status.endpoint = subscription.target.display
+        self._generation += 1
+        connection = _Connection(self, subscription, self._generation)
+        await connection.open()
+        self.log.info(
+            "connected",
+            endpoint=subscription.target.display,
+            namespace=subscription.target.namespace,
+            expires=subscription.expires_at.isoformat() if subscription.expires_at else None,
+        )
+        return connection
+
+    async def _renew(self, current: _Connection) -> _Connection:
+        """Switch to a fresh endpoint, make before break; keep the old one if that fails."""
+        try:
+            fresh = await self._open()
+        except Exception as error:
+            expires = current.subscription.expires_at
+            self.log.warning(
+                "endpoint renewal failed, keeping the current connection", error=describe(error)
+            )
+            if expires is not None and datetime.now(UTC) >= expires:
+                # Past its expiry the old socket may just have gone quiet: treat it as lost.
+                current.mark_lost("endpoint expired and renewal failed")
+            else:
+                await self._pause(backoff_delay(2))
+            return current
+        self.status.renewals += 1
+        await current.close()
+        self.log.info("endpoint renewed")
+        return fresh
+
+    # -- notifications ----------------------------------------------------------------------------
+
+    async def on_event(self, generation: int, payload: object) -> None:
+        """A `notification` event arrived on the socket of the given generation."""
+        received = time.time()
+        try:
+            items = parse_notification_event(payload)
+        except MalformedNotification as exc:
+            self.status.malformed += 1
+            self.log.warning("malformed notification ignored", reason=str(exc))
+            return
+        fresh = [item for item in items if not self._is_copy(item, generation, received)]
+        if not fresh:
+            return
+        self.status.received += len(fresh)
+        self.status.last_notification = received
+        await self._queue.put((fresh, received))
+
+    def _is_copy(self, item: Mapping[str, Any], generation: int, now: float) -> bool:
+        """True for a notification the other socket already brought during a switch-over.
+
+        Only while two sockets overlap (and a short window after): at other times identical
+        notifications are real, since one change often sends several.
+        """
+        if self._sockets >= 2:
+            self._dedupe_until = now + DEDUPE_WINDOW
+        if now > self._dedupe_until:
+            self._recent.clear()
+            return False
+        while self._recent and next(iter(self._recent.values()))[1] < now - DEDUPE_WINDOW:
+            self._recent.popitem(last=False)
+        key = dedupe_key(item)
+        seen = self._recent.get(key)
+        if seen is not None and seen[0] != generation:
+            self.status.duplicates += 1
+            return True
+        self._recent[key] = (generation, now)
+        self._recent.move_to_end(key)
+        return False
+
+    async def _pump(self) -> None:
+        """Move queued notifications into the outbox, in order, batching what has piled up."""
+        while True:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            deliveries: list[NewDelivery] = []
+            for items, received in batch:
+                deliveries += notification_deliveries(
+                    self.drive.name, self.drive.resource, self.drive.webhook, items, received
+                )
+            while True:
+                try:
+                    await self._sink(deliveries)
+                    break
+                except OutboxError as exc:
+                    # Nothing is dropped: the batch stays here, the queue fills, the socket waits.
+                    self.log.error("cannot write to the outbox, retrying", error=str(exc))
+                    await asyncio.sleep(OUTBOX_RETRY)
+            for _ in batch:
+                self._queue.task_done()
+
+
+class _Connection:
+    """One Socket.IO connection to one socketIo endpoint."""
+
+    def __init__(self, watcher: DriveWatcher, subscription: Subscription, generation: int) -> None:
+        self.subscription = subscription
+        self.generation = generation
+        self.lost = asyncio.Event()
+        self.lost_reason: str | None = None
+        self._watcher = watcher
+        self._opened = time.monotonic()
+        self._closed = False
+        options: dict[str, Any] = {"reconnection": False, "handle_sigint": False}
+        if watcher._socket_session is not None:
+            options["http_session"] = watcher._socket_session
+        self._client = _SocketClient(**options)
+        namespace = subscription.target.namespace
+        self._client.on("notification", self._on_notification, namespace=namespace)
+        self._client.on("disconnect", self._on_disconnect, namespace=namespace)
+
+    @property
+    def age(self) -> float:
+        return time.monotonic() - self._opened
+
+    async def open(self) -> None:
+        target = self.subscription.target
+        self._watcher._sockets += 1
+        try:
+            await asyncio.wait_for(
+                self._client.connect(
+                    target.server_url,
+                    namespaces=[target.namespace],
+                    transports=["websocket"],
+                    socketio_path="socket.io",
+                    wait_timeout=CONNECT_TIMEOUT,
+                ),
+                CONNECT_TIMEOUT * 2,
+            )
+        except BaseException as exc:
+            await self.close()
+            if isinstance(exc, socketio.exceptions.ConnectionError):
+                # python-socketio puts the server's refusal in the message; never the URL.
+                raise ConnectionLost(f"socket refused: {exc}") from None
+            raise
+        self._opened = time.monotonic()
+
+    async def _on_notification(self, payload: object = None, *extra: object) -> None:
+        await self._watcher.on_event(self.generation, payload)
+
+    async def _on_disconnect(self, reason: object = None) -> None:
+        self.mark_lost(f"disconnected ({reason})" if reason else "disconnected")
+
+    def mark_lost(self, reason: str) -> None:
+        if not self.lost.is_set():
+            self.lost_reason = reason
+            self.lost.set()
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._watcher._sockets -= 1
+        self.mark_lost("closed by relayd")
+        with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError):
+            await asyncio.wait_for(self._client.disconnect(), 5)
+
+
+def describe(error: BaseException | None) -> str:
+    """An exception as one log-safe line (these never carry the endpoint's query)."""
+    if error is None:
+        return "unknown error"
+    text = str(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -1,0 +1,18 @@
+"""Waiting on a condition with a deadline: the only way tests synchronise."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+
+async def wait_until(
+    condition: Callable[[], object], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `condition` every 10 ms until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
