@@ -57,6 +57,7 @@ NOT_SUPPORTED_RETRY = 15 * 60.0  # "this drive cannot be watched": ask again, ra
 NEEDS_LOGIN_RETRY = 60.0  # an account waiting for `relayd login`
 HEALTHY_CONNECTION = 30.0  # a connection that lived this long resets the backoff
 CONNECT_TIMEOUT = 15.0
+CLOSE_TIMEOUT = 2.0
 QUEUE_ITEMS = 1000  # notifications held in memory per drive before the socket waits
 DEDUPE_WINDOW = 10.0  # during a switch-over, the same notification from the other socket is a copy
 OUTBOX_RETRY = 1.0
@@ -419,7 +420,12 @@ class _Connection:
         self._watcher = watcher
         self._opened = time.monotonic()
         self._closed = False
-        options: dict[str, Any] = {"reconnection": False, "handle_sigint": False}
+        options: dict[str, Any] = {
+            "reconnection": False,
+            "handle_sigint": False,
+            # A close handshake on a dead line waits this long before dropping the socket.
+            "websocket_extra_options": {"timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT)},
+        }
         if watcher._socket_session is not None:
             options["http_session"] = watcher._socket_session
         self._client = _SocketClient(**options)
@@ -471,7 +477,13 @@ class _Connection:
         self._watcher._sockets -= 1
         self.mark_lost("closed by relayd")
         with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError):
-            await asyncio.wait_for(self._client.disconnect(), 5)
+            await asyncio.wait_for(self._client.disconnect(), CLOSE_TIMEOUT * 2)
+        # python-engineio leaves the WebSocket open when its read loop gives up on a silent
+        # line (it only resets its own state), which would leak the connection: close it here.
+        websocket = getattr(self._client.eio, "ws", None)
+        if websocket is not None and not websocket.closed:
+            with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError):
+                await asyncio.wait_for(websocket.close(), CLOSE_TIMEOUT * 2)
 
 
 def describe(error: BaseException | None) -> str:

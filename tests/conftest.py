@@ -86,7 +86,8 @@ def relay_config(
                 "retry": {"initial_delay": 0.05, "max_delay": 0.5},
             }
         },
-        "drives": drives or [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
+        "drives": drives
+        or [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
         **top,
     }
     return parse_config(
@@ -128,6 +129,4 @@ async def start_relay(
 
 def seqs(requests: list[Any]) -> list[int]:
     """The emulator's sequence numbers of delivered notifications, in arrival order."""
-    return [
-        json.loads(r.body)["data"]["notification"]["relaydEmulatorSeq"] for r in requests
-    ]
+    return [json.loads(r.body)["data"]["notification"]["relaydEmulatorSeq"] for r in requests]

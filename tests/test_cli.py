@@ -1,0 +1,215 @@
+"""The `relayd` command as a user runs it: real subprocesses, signals, a crash, config checks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import TOKEN, seqs
+from support.waiting import wait_until
+
+from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.emulator.receiver import ScriptedResponse
+
+
+def write_config(tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver) -> Path:
+    (tmp_path / "token").write_text(TOKEN)
+    config = {
+        "graph": {"base_url": emulator.base_url},
+        "state_dir": "state",
+        "admin": {"listen": ""},
+        "log": {"level": "debug", "format": "json"},
+        "accounts": {"test": {"token_file": "token"}},
+        "webhooks": {
+            "hook": {
+                "url": receiver.url("hook"),
+                "retry": {"initial_delay": 0.05, "max_delay": 0.3},
+            }
+        },
+        "drives": [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+class RelayProcess:
+    """`relayd run` in a subprocess, its log in a file."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log = config.parent / "relayd.log"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relayd",
+                "run",
+                "--config",
+                str(self.config),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 15.0) -> int:
+        assert self.process is not None
+        return await asyncio.wait_for(self.process.wait(), timeout)
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+@pytest.fixture
+async def relay_process(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
+) -> AsyncIterator[RelayProcess]:
+    relay = RelayProcess(write_config(tmp_path, emulator, receiver))
+    yield relay
+    await relay.stop()
+
+
+def outbox_states(state_dir: Path) -> dict[str, int]:
+    path = state_dir / "outbox.sqlite3"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        return dict(db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state").fetchall())
+
+
+async def test_kill_9_with_undelivered_notifications_then_restart_delivers_them_all(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    relay_process: RelayProcess,
+) -> None:
+    receiver.set_default("hook", ScriptedResponse(status=503))  # the webhook is down
+    await relay_process.start()
+    await wait_until(lambda: emulator.connected("me") == 1, timeout=20, what="relay connected")
+    await emulator.emit("me", 25)
+    await wait_until(
+        lambda: sum(outbox_states(tmp_path / "state").values()) == 25,
+        what="25 notifications in the outbox",
+    )
+    relay_process.signal(signal.SIGKILL)
+    assert await relay_process.wait() == -signal.SIGKILL
+    assert receiver.delivered("hook") == []
+
+    receiver.set_default("hook", ScriptedResponse(status=200))  # the webhook is back
+    await relay_process.start()
+    delivered = await receiver.wait_for(25, timeout=20)
+    assert sorted(seqs(delivered)) == list(range(1, 26))
+    await wait_until(
+        lambda: outbox_states(tmp_path / "state") == {"delivered": 25}, what="all marked delivered"
+    )
+
+
+async def test_sigterm_stops_within_seconds_exits_0_and_loses_nothing(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    relay_process: RelayProcess,
+) -> None:
+    receiver.set_default("hook", ScriptedResponse(status=503))
+    await relay_process.start()
+    await wait_until(lambda: emulator.connected("me") == 1, timeout=20, what="relay connected")
+    await emulator.emit("me", 10)
+    await wait_until(
+        lambda: sum(outbox_states(tmp_path / "state").values()) == 10,
+        what="10 notifications in the outbox",
+    )
+    stopping = time.monotonic()
+    relay_process.signal(signal.SIGTERM)
+    assert await relay_process.wait(timeout=15) == 0
+    assert time.monotonic() - stopping < 10
+    assert emulator.connected("me") == 0
+    assert outbox_states(tmp_path / "state") == {"pending": 10}  # nothing left "in flight"
+
+    receiver.set_default("hook", ScriptedResponse(status=200))
+    await relay_process.start()
+    assert sorted(seqs(await receiver.wait_for(10, timeout=20))) == list(range(1, 11))
+    relay_process.signal(signal.SIGINT)
+    assert await relay_process.wait() == 0
+
+
+async def test_no_secret_reaches_the_log(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    relay_process: RelayProcess,
+) -> None:
+    await relay_process.start()
+    await wait_until(lambda: emulator.connected("me") == 1, timeout=20, what="relay connected")
+    await emulator.kick("me")  # a reconnect logs the most: errors, endpoints, retries
+    await wait_until(lambda: emulator.connects["me"] == 2, what="reconnected")
+    await emulator.emit("me")
+    await receiver.wait_for(1)
+    relay_process.signal(signal.SIGTERM)
+    assert await relay_process.wait() == 0
+    log = relay_process.log.read_text()
+    assert "connected" in log
+    assert TOKEN not in log
+    for secret in emulator.issued_secrets():
+        assert secret not in log
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> tuple[int, str, str]:
+    import subprocess
+
+    result = subprocess.run(
+        [sys.executable, "-m", "relayd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**os.environ, "RELAYD_CONFIG": ""},
+    )
+    return result.returncode, result.stdout, result.stderr
+
+
+def test_check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "accounts: {ci: {token_command: echo t}}\n"
+        "webhooks: {w: {url: 'http://127.0.0.1:1/x'}}\n"
+        "drives:\n  - {name: a, account: ci, resource: me, webhook: w}\n"
+    )
+    code, out, _ = run_cli("check-config", "--config", str(good))
+    assert code == 0
+    assert "1 drives" in out
+
+    bad = tmp_path / "config.yaml"
+    bad.write_text(good.read_text().replace("resource: me", "resourse: me"))
+    code, _, err = run_cli("check-config", "--config", str(bad))
+    assert code == 1
+    assert f"{bad}:4: drives[0].resourse: unknown key" in err
+
+
+def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
+    code, _, err = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
+    assert code == 1
+    assert "nope.yaml: no such config file" in err
+
+
+def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
+    code, out, _ = run_cli("demo", "--count", "3", "--interval", "0.2", cwd=tmp_path)
+    assert code == 0
+    assert out.count("webhook received drive.notification") >= 3
+    assert "signed=True" in out

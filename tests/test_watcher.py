@@ -1,0 +1,273 @@
+"""A drive's connection over its life: forms, renewals, reconnects, errors, bad payloads.
+
+Everything runs against the Graph emulator over loopback sockets, with the real supervisor and
+SQLite outbox; the receiver sees what a user's webhook would.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from conftest import TOKEN, StartRelay, relay_config, seqs
+from support.proxy import FreezableProxy
+from support.waiting import wait_until
+
+from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.watcher import DriveState
+
+SITE = "contoso.sharepoint.com,1b2c3d4e-0000-1111-2222-333344445555,9f8e7d6c-aaaa-bbbb"
+
+
+def drive(name: str, resource: str, webhook: str | list[str] = "hook") -> dict[str, object]:
+    return {"name": name, "account": "test", "resource": resource, "webhook": webhook}
+
+
+@pytest.mark.parametrize(
+    "resource",
+    [
+        "me",
+        "drives/b!abc123",
+        "groups/0d8a2a5e-0000-4a2b-9c1e-1234567890ab",
+        f"sites/{SITE}/lists/L1",
+    ],
+)
+async def test_every_resource_form_is_watched(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay, resource: str
+) -> None:
+    await start_relay(drives=[drive("d1", resource)])
+    await wait_until(lambda: emulator.connected(resource) == 1, what="connected")
+    await emulator.emit(resource, 3)
+    delivered = await receiver.wait_for(3)
+    assert seqs(delivered) == [1, 2, 3]
+    assert {r.json()["data"]["resource"] for r in delivered} == {resource}
+
+
+@pytest.fixture
+async def callback_emulator() -> AsyncIterator[GraphEmulator]:
+    async with GraphEmulator(tokens=[TOKEN], url_form="callback") as graph:
+        yield graph
+
+
+async def test_older_callback_url_form_is_followed(
+    tmp_path: Path,
+    callback_emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+) -> None:
+    await start_relay(relay_config(tmp_path, callback_emulator, receiver))
+    await wait_until(lambda: callback_emulator.connected("me") == 1, what="connected")
+    await callback_emulator.emit("me", 2)
+    assert seqs(await receiver.wait_for(2)) == [1, 2]
+
+
+async def test_kicked_connection_comes_back_with_a_fresh_endpoint(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await emulator.emit("me")
+    await receiver.wait_for(1)
+    await emulator.kick("me")
+    await wait_until(
+        lambda: emulator.connects["me"] == 2 and emulator.connected("me") == 1, what="reconnected"
+    )
+    assert emulator.endpoint_requests["me"] == 2  # a fresh endpoint, not the old URL again
+    await emulator.emit("me")
+    assert seqs(await receiver.wait_for(2)) == [1, 2]
+    assert relay.watcher().status.reconnects == 1
+    assert relay.watcher().status.state is DriveState.CONNECTED
+
+
+@pytest.mark.parametrize("behaviour", ["close", "quiet"])
+async def test_renewal_before_a_short_expiry_loses_nothing(
+    tmp_path: Path, receiver: WebhookReceiver, start_relay: StartRelay, behaviour: str
+) -> None:
+    # A 12 s lifetime renews at half-life (6 s), not "two minutes early" (which would be a loop).
+    async with GraphEmulator(tokens=[TOKEN], lifetime=12, expiry=behaviour) as graph:  # type: ignore[arg-type]
+        relay = await start_relay(relay_config(tmp_path, graph, receiver))
+        await wait_until(lambda: graph.connected("me") == 1, what="connected")
+        started = time.monotonic()
+        sent = 0
+        # Emit steadily across two renewals; every one must arrive exactly once.
+        while relay.watcher().status.renewals < 2:
+            assert time.monotonic() - started < 30, "no renewal within 30 s"
+            await graph.emit("me")
+            sent += 1
+            await wait_until(lambda: len(receiver.delivered("hook")) == sent, what="delivery")
+        assert seqs(receiver.delivered("hook")) == list(range(1, sent + 1))
+        assert graph.endpoint_requests["me"] == 3
+        assert relay.watcher().status.reconnects == 0  # make before break: never disconnected
+        assert 10 < time.monotonic() - started < 20  # renewed at ~6 s each, not at 12 or 0
+
+
+async def test_expired_and_closed_connection_is_replaced(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    await start_relay()
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await emulator.expire("me")
+    await wait_until(lambda: emulator.connects["me"] == 2, what="reconnected after expiry")
+    await wait_until(lambda: emulator.connected("me", include_expired=False) == 1, what="live")
+    await emulator.emit("me")
+    assert seqs(await receiver.wait_for(1)) == [1]
+
+
+async def test_silence_past_ping_timeout_means_reconnect(
+    tmp_path: Path, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    async with GraphEmulator(tokens=[TOKEN], ping_interval=0.5, ping_timeout=0.5) as graph:
+        async with FreezableProxy(graph.port) as proxy:
+            # Everything, Graph and push service, goes through a proxy that can go silent.
+            graph.push_base_url = f"http://127.0.0.1:{proxy.port}"
+            config = relay_config(tmp_path, graph, receiver)
+            config = config.model_copy(
+                update={
+                    "graph": config.graph.model_copy(
+                        update={"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
+                    )
+                }
+            )
+            relay = await start_relay(config)
+            await wait_until(lambda: graph.connected("me") == 1, what="connected")
+            proxy.freeze()  # no close, no ping: just silence
+            await wait_until(
+                lambda: relay.watcher().status.reconnects == 1, timeout=5, what="silence noticed"
+            )
+            proxy.thaw()
+            await wait_until(
+                lambda: (
+                    relay.watcher().status.state is DriveState.CONNECTED
+                    and graph.connected("me", include_expired=False) >= 1
+                ),
+                what="reconnected",
+            )
+            await wait_until(lambda: graph.connects["me"] >= 2, what="second connect")
+            await graph.emit("me")
+            assert seqs(await receiver.wait_for(1)) == [1]
+
+
+async def test_401_refreshes_the_token_once_and_carries_on(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    counter = tmp_path / "calls"
+    command = (
+        f"python3 -c \"import pathlib; p = pathlib.Path('{counter}');"
+        f" p.write_text(str(int(p.read_text() or 0) + 1) if p.exists() else '1');"
+        f" print('{TOKEN}')\""
+    )
+    config = relay_config(tmp_path, emulator, receiver)
+    accounts = {
+        "test": config.accounts["test"].model_copy(
+            update={"token_command": command, "token_file": None}
+        )
+    }
+    emulator.inject_error("me", 401, "InvalidAuthenticationToken")
+    await start_relay(config.model_copy(update={"accounts": accounts}))
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    assert emulator.endpoint_requests["me"] == 2  # refused once, then accepted
+    assert counter.read_text() == "2"  # the command ran again after the 401
+
+
+async def test_throttling_honours_retry_after(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    emulator.inject_error("me", 429, "TooManyRequests", retry_after=2)
+    started = time.monotonic()
+    relay = await start_relay()
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    assert time.monotonic() - started >= 2
+    assert emulator.endpoint_requests["me"] == 2
+    assert relay.watcher().status.state is DriveState.CONNECTED
+
+
+async def test_service_unavailable_is_retried(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    emulator.inject_error("me", 503, "serviceNotAvailable", count=2)
+    await start_relay()
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    assert emulator.endpoint_requests["me"] == 3
+
+
+async def test_not_supported_drive_is_reported_and_others_carry_on(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    emulator.inject_error("drives/unsupported", 400, "notSupported", count=100)
+    relay = await start_relay(drives=[drive("bad", "drives/unsupported"), drive("good", "me")])
+    await wait_until(
+        lambda: relay.watcher("bad").status.state is DriveState.NOT_SUPPORTED, what="reported"
+    )
+    assert "notSupported" in (relay.watcher("bad").status.last_error or "")
+    await wait_until(lambda: emulator.connected("me") == 1, what="good drive connected")
+    await emulator.emit("me")
+    assert seqs(await receiver.wait_for(1)) == [1]
+    assert emulator.endpoint_requests["drives/unsupported"] == 1  # asked again only much later
+
+
+async def test_malformed_events_are_counted_and_the_next_good_one_flows(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    for raw in [
+        "not json",
+        {"value": []},
+        42,
+        '{"novalue": 1}',
+        '{"value": [1]}',
+        '{"value": [' + '"x",' * 400_000 + '"x"]}',
+    ]:
+        await emulator.emit("me", raw=raw)
+    await emulator.emit("me")
+    assert seqs(await receiver.wait_for(1)) == [1]
+    status = relay.watcher().status
+    assert status.malformed == 6
+    assert status.received == 1
+    assert status.reconnects == 0
+
+
+async def test_order_is_kept_per_drive(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    webhooks = {
+        "hook": {
+            "url": receiver.url("hook"),
+            "ordered": True,
+            "retry": {"initial_delay": 0.05, "max_delay": 0.2},
+        }
+    }
+    await start_relay(webhooks=webhooks)
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await emulator.emit("me", 100)
+    assert seqs(await receiver.wait_for(100)) == list(range(1, 101))
+
+
+async def test_a_burst_of_200_is_delivered_in_full(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    await start_relay()
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await emulator.emit("me", 200)
+    delivered = await receiver.wait_for(200, timeout=20)
+    assert sorted(seqs(delivered)) == list(range(1, 201))
+    assert len({r.headers["webhook-id"] for r in delivered}) == 200
+
+
+async def test_a_drive_with_several_webhooks_posts_to_each(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    fast = {"initial_delay": 0.05, "max_delay": 0.2}
+    webhooks = {
+        "a": {"url": receiver.url("a"), "retry": fast},
+        "b": {"url": receiver.url("b"), "retry": fast},
+    }
+    await start_relay(webhooks=webhooks, drives=[drive("d1", "me", ["a", "b"])])
+    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await emulator.emit("me", 5)
+    a = await receiver.wait_for(5, name="a")
+    b = await receiver.wait_for(5, name="b")
+    # One notification, one webhook-id, whichever webhook it goes to.
+    assert {r.headers["webhook-id"] for r in a} == {r.headers["webhook-id"] for r in b}
