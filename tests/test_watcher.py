@@ -96,7 +96,7 @@ async def test_renewal_before_a_short_expiry_loses_nothing(
             assert time.monotonic() - started < 30, "no renewal within 30 s"
             await graph.emit("me")
             sent += 1
-            await wait_until(lambda: len(receiver.delivered("hook")) == sent, what="delivery")
+            await wait_until(lambda n=sent: len(receiver.delivered("hook")) == n, what="delivery")
         assert seqs(receiver.delivered("hook")) == list(range(1, sent + 1))
         assert graph.endpoint_requests["me"] == 3
         assert relay.watcher().status.reconnects == 0  # make before break: never disconnected
@@ -118,19 +118,12 @@ async def test_expired_and_closed_connection_is_replaced(
 async def test_silence_past_ping_timeout_means_reconnect(
     tmp_path: Path, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
-    async with GraphEmulator(tokens=[TOKEN], ping_interval=0.5, ping_timeout=0.5) as graph:
+    async with GraphEmulator(tokens=[TOKEN], ping_interval=0.5, ping_timeout=0.5) as graph:  # noqa: SIM117 - the proxy needs graph.port
         async with FreezableProxy(graph.port) as proxy:
             # Everything, Graph and push service, goes through a proxy that can go silent.
             graph.push_base_url = f"http://127.0.0.1:{proxy.port}"
-            config = relay_config(tmp_path, graph, receiver)
-            config = config.model_copy(
-                update={
-                    "graph": config.graph.model_copy(
-                        update={"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
-                    )
-                }
-            )
-            relay = await start_relay(config)
+            proxied = {"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
+            relay = await start_relay(relay_config(tmp_path, graph, receiver, graph=proxied))
             await wait_until(lambda: graph.connected("me") == 1, what="connected")
             proxy.freeze()  # no close, no ping: just silence
             await wait_until(
