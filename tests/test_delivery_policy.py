@@ -1,8 +1,8 @@
 """What an answer means and when to try again: relayd.delivery's pure half."""
 
 import pytest
-from relayd.config import RetryConfig
 
+from relayd.config import RetryConfig
 from relayd.delivery import Attempt, conclude, judge, retry_delay
 from relayd.outbox import Delivery, State
 
