@@ -9,14 +9,23 @@ import os
 import signal
 import sys
 import time
+import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
 from relayd import __version__, logs
+from relayd.auth import (
+    AccountReport,
+    AuthError,
+    check_account,
+    login,
+    logout,
+    sign_in_account,
+)
 from relayd.config import Config, ConfigError, load_config, parse_duration
 from relayd.outbox import Filter, Outbox, OutboxError, State
-from relayd.supervisor import OUTBOX_FILE, StartupError, Supervisor
+from relayd.supervisor import OUTBOX_FILE, StartupError, Supervisor, daemon_pid
 
 DEFAULT_CONFIG = "/etc/relayd/config.yaml"
 
@@ -39,25 +48,73 @@ class ConfigFileMissing(Exception):
 # -- run ----------------------------------------------------------------------------------------
 
 
-async def serve(config: Config, shutdown: asyncio.Event | None = None) -> None:
-    """Run the relay until SIGTERM or SIGINT (or until `shutdown` is set)."""
+async def serve(
+    config: Config, shutdown: asyncio.Event | None = None, *, config_path: Path | None = None
+) -> None:
+    """Run the relay until SIGTERM or SIGINT (or until `shutdown` is set); SIGHUP reloads."""
     stop = shutdown or asyncio.Event()
+    supervisor = Supervisor(config, config_path=config_path)
     loop = asyncio.get_running_loop()
-    # The handlers only set the event: the supervisor's own code does the stopping.
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    # The handlers only set events: the supervisor's own loop does the stopping and reloading.
+    handlers = {
+        signal.SIGTERM: stop.set,
+        signal.SIGINT: stop.set,
+        signal.SIGHUP: supervisor.request_reload,
+    }
+    for signum, handler in handlers.items():
+        loop.add_signal_handler(signum, handler)
     try:
-        await Supervisor(config).run(stop)
+        await supervisor.run(stop)
     finally:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in handlers:
             loop.remove_signal_handler(signum)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     logs.configure(config.log.level, config.log.format)
-    asyncio.run(serve(config))
+    asyncio.run(serve(config, config_path=config_path(args.config)))
     return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    config = _load(args.config)  # a file that does not load would be refused anyway: say so now
+    pid = daemon_pid(config.state_dir)
+    if pid is None:
+        print(f"relayd: no relayd is running with state_dir {config.state_dir}", file=sys.stderr)
+        return 1
+    os.kill(pid, signal.SIGHUP)
+    print(f"asked relayd (pid {pid}) to reload {config_path(args.config)}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if not config.admin.enabled:
+        print("relayd: admin.listen is off, so the daemon cannot be asked", file=sys.stderr)
+        return 1
+    host = config.admin.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{config.admin.port}/status"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            report = json.load(response)
+    except OSError as exc:
+        print(f"relayd: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
+        return 1
+    print(f"{'drive':<20} {'state':<14} {'since':<21} {'last notification':<21} backlog")
+    for name, drive in report["drives"].items():
+        backlog = sum(report["backlog"].get(webhook, 0) for webhook in drive["webhooks"])
+        print(
+            f"{name:<20} {drive['state']:<14} {_when(drive['since']):<21}"
+            f" {_when(drive['last_notification']):<21} {backlog}"
+        )
+    if not report["reload"]["ok"]:
+        print(f"\nlast reload refused:\n{report['reload']['error']}")
+    return 0 if report["ready"] else 2
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -154,6 +211,69 @@ def cmd_outbox(args: argparse.Namespace) -> int:
     return asyncio.run(_outbox_command(args, config))
 
 
+# -- sign-in ----------------------------------------------------------------------------------
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        account = sign_in_account(config.accounts, args.account)
+        # The code and URL are for the person at the terminal; flush before the wait begins.
+        user = login(
+            args.account,
+            account,
+            config.state_dir,
+            show=lambda message: print(message, flush=True),
+        )
+    except AuthError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    print(f"account {args.account!r} is signed in as {user}; a running relayd uses it from now on")
+    return 0
+
+
+def cmd_logout(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    try:
+        account = sign_in_account(config.accounts, args.account)
+        removed = logout(args.account, account, config.state_dir)
+    except AuthError as exc:
+        print(f"relayd: {exc}", file=sys.stderr)
+        return 1
+    if removed:
+        print(f"account {args.account!r} is signed out; its drives wait for `relayd login`")
+    else:
+        print(f"account {args.account!r} was not signed in")
+    return 0
+
+
+def cmd_accounts(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if not config.accounts:
+        print(f"{config_path(args.config)}: no accounts")
+        return 0
+
+    async def check_all() -> list[AccountReport]:
+        checks = [
+            check_account(name, account, config.state_dir)
+            for name, account in config.accounts.items()
+        ]
+        return list(await asyncio.gather(*checks))
+
+    reports = asyncio.run(check_all())
+    print(f"{'account':<16} {'kind':<8} {'user':<30} {'scopes':<20} status")
+    for report in reports:
+        if report.problem is not None:
+            status = report.problem
+        elif report.kind == "msal":
+            status = f"ok: silent refresh works (token until {_when(report.expires_at)})"
+        else:
+            status = f"ok: token obtained (until {_when(report.expires_at)})"
+        scopes = " ".join(report.scopes) or "-"
+        print(f"{report.name:<16} {report.kind:<8} {report.user or '-':<30} {scopes:<20} {status}")
+    return 0 if all(report.ok for report in reports) else 1
+
+
 # -- demo ---------------------------------------------------------------------------------------
 
 
@@ -187,6 +307,26 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(
         commands.add_parser("check-config", help="validate the config file; exit 0 or 1")
     ).set_defaults(handler=cmd_check_config)
+    with_config(
+        commands.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
+    ).set_defaults(handler=cmd_reload)
+    with_config(
+        commands.add_parser("status", help="ask the running daemon how its drives are doing")
+    ).set_defaults(handler=cmd_status)
+
+    sign_in = with_config(
+        commands.add_parser("login", help="sign an account in with a device code (client_id)")
+    )
+    sign_in.add_argument("account", help="a client_id account of the config")
+    sign_in.set_defaults(handler=cmd_login)
+    sign_out = with_config(commands.add_parser("logout", help="forget an account's sign-in"))
+    sign_out.add_argument("account", help="a client_id account of the config")
+    sign_out.set_defaults(handler=cmd_logout)
+    with_config(
+        commands.add_parser(
+            "accounts", help="list accounts and whether each gets a token now; exit 0 or 1"
+        )
+    ).set_defaults(handler=cmd_accounts)
 
     outbox = with_config(commands.add_parser("outbox", help="inspect and repair the outbox"))
     outbox.add_argument("action", choices=["status", "list", "replay", "purge"])

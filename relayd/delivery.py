@@ -22,7 +22,7 @@ import structlog
 from relayd import __version__
 from relayd.config import RetryConfig, WebhookConfig
 from relayd.graph import parse_retry_after
-from relayd.outbox import AttemptResult, Delivery, Outbox, State
+from relayd.outbox import AttemptResult, Delivery, Outbox, OutboxError, State
 from relayd.signing import decode_secret, signature_headers
 
 log = structlog.get_logger("relayd.delivery")
@@ -33,6 +33,7 @@ JITTER = 0.2  # +-20 %, so retries after a shared outage do not arrive in lockst
 # While idle, look at the store this often anyway: `relayd outbox replay` run from another process
 # puts rows back without telling us.
 IDLE_POLL = 2.0
+RECORD_RETRY = 1.0
 
 Verdict = Literal["delivered", "retry", "dead"]
 
@@ -121,8 +122,10 @@ class Dispatcher:
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.time,
+        on_result: Callable[[str, AttemptResult], None] | None = None,
     ) -> None:
         self.name = name
+        self._on_result = on_result
         self.config = config
         self._outbox = outbox
         self._session = session
@@ -179,7 +182,7 @@ class Dispatcher:
             return
         timeout = IDLE_POLL
         if len(self._in_flight) < self._limit:
-            due = await self._outbox.next_due(self.name)
+            due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
             if due is not None:
                 timeout = min(timeout, max(0.0, due - self._clock()))
         if timeout > 0:
@@ -205,7 +208,17 @@ class Dispatcher:
         attempt = await self.post(row)
         result = conclude(row, attempt, self.config.retry, self._clock())
         self._report(row, result)
-        await self._outbox.record([result])
+        if self._on_result is not None:
+            self._on_result(self.name, result)
+        while True:
+            try:
+                await self._outbox.record([result])
+                return
+            except OutboxError as exc:
+                # Until recorded the row stays in flight (and holds an ordered queue): keep
+                # trying rather than leave it there until the next restart.
+                self._log.error("cannot record a delivery attempt, retrying", error=str(exc))
+                await asyncio.sleep(RECORD_RETRY)
 
     async def post(self, row: Delivery) -> Attempt:
         """One POST of a row's body, exactly as stored."""

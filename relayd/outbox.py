@@ -167,11 +167,18 @@ class Outbox:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        self._durable_queued = False  # some queued operation needs its commit fsynced
+        self._synchronous_full = True  # the connection's current PRAGMA synchronous
+        self.commits = 0  # transactions committed by the writer: one per group of operations
 
     # -- life cycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        await self._call(self._open)
+        try:
+            await self._call(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=True)  # no __aexit__ follows: do not leak its thread
+            raise
         self._writer = asyncio.create_task(self._write_loop(), name="relayd-outbox-writer")
         return self
 
@@ -204,17 +211,18 @@ class Outbox:
             raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from None
         try:
             connection.execute("PRAGMA busy_timeout = 10000")  # a CLI command may hold a write
-            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
-            # FULL: a committed notification survives power loss, not only a killed process.
-            connection.execute("PRAGMA synchronous = FULL")
+            # Before anything writes to the file (switching to WAL does).
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise OutboxError(
                     f"{self.path}: written by a newer relayd (schema {version});"
                     " refusing to touch it"
                 )
+            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            # FULL: a committed notification survives power loss, not only a killed process.
+            connection.execute("PRAGMA synchronous = FULL")
             connection.execute("BEGIN IMMEDIATE")  # proves the file is writable, now, not later
             # Not executescript(): it would commit the transaction opened above.
             for statement in SCHEMA.split(";"):
@@ -245,11 +253,22 @@ class Outbox:
 
     # -- group commit ----------------------------------------------------------------------------
 
-    async def _submit(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    async def _submit(
+        self, operation: Callable[[sqlite3.Connection], T], *, durable: bool = False
+    ) -> T:
+        """Run `operation` in the next group commit.
+
+        `durable` operations (new notifications, repairs) make their commit wait for fsync. The
+        rest (claims, attempt results) need not survive a power cut: a lost "in flight" mark is
+        recovered at start, a lost "delivered" mark means one more delivery, which receivers
+        dedupe on webhook-id. WAL keeps commits in order either way, and the next fsync covers
+        every commit before it.
+        """
         if self._closing or self._writer is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((operation, future))
+        self._durable_queued = self._durable_queued or durable
         self._wake.set()
         return await future
 
@@ -262,14 +281,19 @@ class Outbox:
                 self._wake.clear()
                 continue
             batch, self._queue = self._queue, []
-            await self._commit(batch)
+            durable, self._durable_queued = self._durable_queued, False
+            await self._commit(batch, durable)
 
-    async def _commit(self, batch: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+    async def _commit(
+        self, batch: list[tuple[Operation, asyncio.Future[Any]]], durable: bool
+    ) -> None:
         operations = [operation for operation, _ in batch]
         try:
             # Shielded: a cancelled writer must still learn how the transaction ended, so that no
             # caller is told "written" for a row that is not, or the reverse.
-            outcomes = await asyncio.shield(self._call(lambda: self._run_batch(operations)))
+            outcomes = await asyncio.shield(
+                self._call(lambda: self._run_batch(operations, durable))
+            )
         except Exception as exc:
             # A failed commit (disk full, say) fails this batch only: its callers still hold
             # their rows and try again, and the next batch may well succeed.
@@ -287,12 +311,17 @@ class Outbox:
             else:
                 future.set_exception(value)
 
-    def _run_batch(self, operations: Sequence[Operation]) -> list[tuple[bool, Any]]:
+    def _run_batch(
+        self, operations: Sequence[Operation], durable: bool
+    ) -> list[tuple[bool, Any]]:
         connection = self._connection
         if connection is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
         outcomes: list[tuple[bool, Any]] = []
         try:
+            if durable != self._synchronous_full:
+                connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
+                self._synchronous_full = durable
             connection.execute("BEGIN IMMEDIATE")
             for operation in operations:
                 connection.execute("SAVEPOINT operation")
@@ -305,6 +334,7 @@ class Outbox:
                     outcomes.append((True, value))
                 connection.execute("RELEASE operation")
             connection.execute("COMMIT")
+            self.commits += 1
         except sqlite3.Error as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
@@ -338,7 +368,7 @@ class Outbox:
                 rows,
             )
 
-        await self._submit(insert)
+        await self._submit(insert, durable=True)
         if self._on_insert is not None:
             for webhook in {d.webhook for d in deliveries}:
                 self._on_insert(webhook)
@@ -379,10 +409,26 @@ class Outbox:
 
         return await self._submit(take)
 
-    async def next_due(self, webhook: str) -> float | None:
-        """When the earliest waiting row for the webhook becomes due, if any waits."""
+    async def next_due(self, webhook: str, *, ordered: bool = False) -> float | None:
+        """When `claim` will next have a row for the webhook, if any waits.
+
+        For an ordered webhook that is when the oldest waiting row becomes due, and never while
+        a row is in flight: rows behind the head are not claimable however long they have waited.
+        """
 
         def query(connection: sqlite3.Connection) -> float | None:
+            if ordered:
+                if connection.execute(
+                    "SELECT 1 FROM deliveries WHERE webhook = ? AND state = ? LIMIT 1",
+                    (webhook, State.INFLIGHT.value),
+                ).fetchone():
+                    return None
+                row = connection.execute(
+                    "SELECT next_attempt FROM deliveries WHERE webhook = ? AND state = ?"
+                    " ORDER BY id LIMIT 1",
+                    (webhook, State.PENDING.value),
+                ).fetchone()
+                return None if row is None else float(row[0])
             row = connection.execute(
                 "SELECT MIN(next_attempt) FROM deliveries WHERE webhook = ? AND state = ?",
                 (webhook, State.PENDING.value),
@@ -441,6 +487,25 @@ class Outbox:
 
         return int(await self._submit(delete))
 
+    async def backlog(self) -> tuple[dict[str, int], dict[str, float]]:
+        """Rows waiting (pending or in flight) per webhook, and the oldest one's creation time.
+
+        Cheap at any size of history: it reads only waiting rows, through the state index.
+        """
+
+        def query(connection: sqlite3.Connection) -> tuple[dict[str, int], dict[str, float]]:
+            counts: dict[str, int] = {}
+            oldest: dict[str, float] = {}
+            for webhook, count, created in connection.execute(
+                "SELECT webhook, COUNT(*), MIN(created) FROM deliveries"
+                " WHERE state IN ('pending', 'inflight') GROUP BY webhook"
+            ):
+                counts[webhook] = count
+                oldest[webhook] = created
+            return counts, oldest
+
+        return await self._submit(query)
+
     # -- inspection and repair (the `relayd outbox` commands; safe beside a running daemon) -----
 
     async def summary(self, selection: Filter = Filter()) -> Summary:
@@ -483,19 +548,22 @@ class Outbox:
         return await self._submit(query)
 
     async def replay(self, selection: Filter) -> int:
-        """Put dead rows back in the queue, due now, with a fresh max_age."""
+        """Put dead rows back in the queue, due now, with a fresh max_age and backoff.
+
+        `attempts` restarts from zero, so the first retry after a replay waits `initial_delay`,
+        not the `max_delay` the row had reached before it died."""
         where, params = selection.where()
         now = self._clock()
 
         def update(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "UPDATE deliveries SET state = ?, next_attempt = ?, retry_from = ?,"
-                f" finished = NULL WHERE {where} AND state = ?",
+                f" finished = NULL, attempts = 0 WHERE {where} AND state = ?",
                 [State.PENDING.value, now, now, *params, State.DEAD.value],
             )
             return cursor.rowcount
 
-        return int(await self._submit(update))
+        return int(await self._submit(update, durable=True))
 
     async def purge(self, selection: Filter) -> int:
         """Delete the selected rows that are finished (dead or delivered); never queued ones."""

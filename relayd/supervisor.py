@@ -15,17 +15,33 @@ import fcntl
 import os
 import time
 from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 import structlog
 
-from relayd.auth import AuthError, CommandTokenProvider, FileTokenProvider, TokenProvider
-from relayd.config import AccountConfig, Config
+from relayd import logs
+from relayd.admin import AdminServer, Metrics
+from relayd.auth import (
+    CommandTokenProvider,
+    FileTokenProvider,
+    MsalTokenProvider,
+    TokenProvider,
+)
+from relayd.config import (
+    AccountConfig,
+    Config,
+    ConfigError,
+    ConfigIssue,
+    DriveConfig,
+    load_config,
+)
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Outbox
-from relayd.watcher import DriveWatcher
+from relayd.outbox import Outbox, OutboxError
+from relayd.systemd import Notifier, watchdog_interval
+from relayd.watcher import DriveState, DriveWatcher
 
 log = structlog.get_logger("relayd.supervisor")
 
@@ -34,31 +50,21 @@ LOCK_FILE = "relayd.lock"
 WATCHER_STOP_TIMEOUT = 10.0  # watchers only close sockets and flush their queue to disk
 DRIVE_RESTART_DELAY = 10.0  # after a watcher crashed on something unexpected
 PRUNE_INTERVAL = 3600.0
+STATUS_INTERVAL = 5.0  # backlog refresh and systemd STATUS= line
 
 
 class StartupError(Exception):
     """relayd cannot start (state_dir locked or unusable, outbox unreadable). Safe to print."""
 
 
-class NotSignedIn:
-    """Token source of an MSAL account before `relayd login` has stored a sign-in."""
-
-    def __init__(self, account: str) -> None:
-        self.account = account
-
-    async def token(self, refused: str | None = None) -> str:
-        raise AuthError(
-            f"account {self.account!r} is not signed in: run `relayd login {self.account}`",
-            needs_login=True,
-        )
-
-
-def token_provider(name: str, account: AccountConfig) -> TokenProvider:
+def token_provider(name: str, account: AccountConfig, state_dir: Path) -> TokenProvider:
+    """The account's token source; client_id accounts use the sign-in `relayd login` stored
+    under state_dir (until there is one, their drives wait in NEEDS_LOGIN)."""
     if account.token_command is not None:
         return CommandTokenProvider(name, account.token_command)
     if account.token_file is not None:
         return FileTokenProvider(name, account.token_file)
-    return NotSignedIn(name)
+    return MsalTokenProvider(name, account, state_dir)
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -73,18 +79,74 @@ def lock_state_dir(state_dir: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise StartupError(f"state_dir {state_dir} is in use by another relayd process") from None
+    # The pid lets `relayd reload` find the daemon that owns this state_dir.
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
-class Supervisor:
-    """Runs the relay for one config until `shutdown` is set."""
+def daemon_pid(state_dir: Path) -> int | None:
+    """The pid of the relayd holding state_dir's lock, or None when none runs."""
+    try:
+        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: a daemon is running; its pid is in the file
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
-    def __init__(self, config: Config) -> None:
+
+@dataclass(frozen=True)
+class Backlog:
+    """Notifications waiting per webhook, and the creation time of the oldest one."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    oldest: dict[str, float] = field(default_factory=dict)
+
+
+class Supervisor:
+    """Runs the relay for one config until `shutdown` is set; reloads it on request."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        config_path: Path | None = None,
+        notifier: Notifier | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
         self.watchers: dict[str, DriveWatcher] = {}
         self.dispatchers: dict[str, Dispatcher] = {}
+        self.tokens: dict[str, TokenProvider] = {}
         self.outbox: Outbox | None = None
+        self.admin: AdminServer | None = None
         self.started = asyncio.Event()  # set once every drive and webhook has its task
+        self.backlog = Backlog()
+        self.last_reload_ok = True
+        self.last_reload_error: str | None = None
+        self._notifier = notifier or Notifier.from_environment()
+        self._reload_requested = asyncio.Event()
+        self._applied: Config | None = None
+        self._drive_tasks: dict[str, asyncio.Task[None]] = {}
+        self._dispatch_tasks: dict[str, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._graph: GraphClient | None = None
+        self.metrics = Metrics(self)  # last: its collector reads the attributes above
+
+    def request_reload(self) -> None:
+        """Ask for the config file to be read again (safe to call from a signal handler)."""
+        self._reload_requested.set()
+
+    # -- life ------------------------------------------------------------------------------------
 
     async def run(self, shutdown: asyncio.Event) -> None:
         config = self.config
@@ -94,7 +156,7 @@ class Supervisor:
                 # One session for Graph, sockets and webhooks. No connection limit: dispatchers
                 # bound their own concurrency, and with aiohttp's default of 100 the 101st
                 # socket would wait forever for a free connection.
-                session = await stack.enter_async_context(
+                self._session = await stack.enter_async_context(
                     aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
                 )
                 outbox = Outbox(config.state_dir / OUTBOX_FILE, on_insert=self._wake_dispatcher)
@@ -102,60 +164,188 @@ class Supervisor:
                     self.outbox = await stack.enter_async_context(outbox)
                 except Exception as exc:
                     raise StartupError(str(exc)) from None
-                await self._serve(session, self.outbox, shutdown)
+                if config.admin.enabled:
+                    admin = AdminServer(self, config.admin.host, config.admin.port)
+                    try:
+                        self.admin = await stack.enter_async_context(admin)
+                    except OSError as exc:
+                        raise StartupError(
+                            f"admin.listen {config.admin.listen}: {exc.strerror}"
+                        ) from None
+                await self._serve(shutdown)
         finally:
             os.close(lock)
+
+    async def _serve(self, shutdown: asyncio.Event) -> None:
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            await self._apply(self.config)
+            housekeeping = [
+                group.create_task(self._prune_loop(), name="relayd-prune"),
+                group.create_task(self._tick_loop(), name="relayd-tick"),
+            ]
+            await self.refresh_backlog()
+            log.info("started", drives=len(self.watchers), webhooks=len(self.dispatchers))
+            self.started.set()
+            self._notifier.ready(self.status_line())
+
+            stop = asyncio.create_task(shutdown.wait())
+            try:
+                while not shutdown.is_set():
+                    reload = asyncio.create_task(self._reload_requested.wait())
+                    await asyncio.wait({stop, reload}, return_when=asyncio.FIRST_COMPLETED)
+                    reload.cancel()
+                    if self._reload_requested.is_set() and not shutdown.is_set():
+                        self._reload_requested.clear()
+                        await self.reload()
+            finally:
+                stop.cancel()
+            self._notifier.stopping()
+            log.info("stopping")
+            await self._stop_watchers(list(self.watchers))
+            await self._stop_dispatchers(list(self.dispatchers))
+            for task in housekeeping:
+                task.cancel()
+        self._group = None
+        log.info("stopped")
+
+    # -- reload ----------------------------------------------------------------------------------
+
+    async def reload(self, new: Config | None = None) -> bool:
+        """Apply a new config: re-read from `config_path` unless one is given.
+
+        An invalid file changes nothing. A valid one is diffed against the running set: only
+        drives and webhooks that were added, removed or changed are touched.
+        """
+        self._notifier.reloading()
+        try:
+            if new is None:
+                if self.config_path is None:
+                    raise ConfigError(
+                        [ConfigIssue("relayd", None, "", "started without a config file")]
+                    )
+                new = await asyncio.to_thread(load_config, self.config_path)
+        except ConfigError as exc:
+            self.last_reload_ok, self.last_reload_error = False, str(exc)
+            self.metrics.reloaded(False)
+            log.error(
+                "config reload refused; the running config stays", errors=str(exc).splitlines()
+            )
+            self._notifier.ready(self.status_line())
+            return False
+        for key in ("state_dir", "admin"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("this setting takes effect after a restart", key=key)
+        if new.log != self.config.log:
+            logs.configure(new.log.level, new.log.format)
+        await self._apply(new)
+        self.config = new
+        self.last_reload_ok, self.last_reload_error = True, None
+        self.metrics.reloaded(True)
+        log.info("config reloaded", drives=len(self.watchers), webhooks=len(self.dispatchers))
+        self._notifier.ready(self.status_line())
+        return True
+
+    async def _apply(self, new: Config) -> None:
+        """Bring the running tasks in line with `new`, touching only what differs."""
+        old = self._applied
+        assert self._session is not None
+        graph_changed = old is None or old.graph != new.graph
+        if graph_changed:
+            self._graph = GraphClient(self._session, new.graph.base_url)
+
+        accounts_changed = {
+            name
+            for name, account in new.accounts.items()
+            if old is None or old.accounts.get(name) != account
+        }
+        old_webhooks = {} if old is None else old.webhooks
+        webhooks_gone = [name for name in old_webhooks if name not in new.webhooks]
+        webhooks_changed = [
+            name for name, hook in new.webhooks.items() if old_webhooks.get(name) != hook
+        ]
+        old_drives = {} if old is None else {drive.name: drive for drive in old.drives}
+        new_drives = {drive.name: drive for drive in new.drives}
+        drives_gone = [name for name in old_drives if name not in new_drives]
+        drives_changed = [
+            name
+            for name, drive in new_drives.items()
+            if old_drives.get(name) != drive or drive.account in accounts_changed or graph_changed
+        ]
+
+        await self._stop_watchers(drives_gone + [n for n in drives_changed if n in self.watchers])
+        await self._stop_dispatchers(
+            webhooks_gone + [n for n in webhooks_changed if n in self.dispatchers]
+        )
+        for name in accounts_changed:
+            self.tokens[name] = token_provider(name, new.accounts[name], new.state_dir)
+        for name in [n for n in self.tokens if n not in new.accounts]:
+            del self.tokens[name]
+        for name in webhooks_changed:
+            self._start_dispatcher(name, new)
+        for name in drives_changed:
+            self._start_watcher(new_drives[name])
+        self._applied = new
+        if old is not None:
+            log.info(
+                "applied config changes",
+                drives_started=sorted(drives_changed),
+                drives_stopped=sorted(drives_gone),
+                webhooks_restarted=sorted(webhooks_changed),
+                webhooks_stopped=sorted(webhooks_gone),
+            )
+
+    def _start_dispatcher(self, name: str, config: Config) -> None:
+        assert self._group is not None and self._session is not None and self.outbox is not None
+        dispatcher = Dispatcher(
+            name,
+            config.webhooks[name],
+            self.outbox,
+            self._session,
+            on_result=self.metrics.observe,
+        )
+        self.dispatchers[name] = dispatcher
+        self._dispatch_tasks[name] = self._group.create_task(
+            dispatcher.run(grace=config.shutdown_grace), name=f"relayd-webhook-{name}"
+        )
+
+    def _start_watcher(self, drive: DriveConfig) -> None:
+        assert self._group is not None and self._graph is not None and self.outbox is not None
+        watcher = DriveWatcher(
+            drive,
+            graph=self._graph,
+            tokens=self.tokens[drive.account],
+            sink=self.outbox.add,
+            socket_session=self._session,
+        )
+        self.watchers[drive.name] = watcher
+        self._drive_tasks[drive.name] = self._group.create_task(
+            self._keep_watching(watcher), name=f"relayd-drive-{drive.name}"
+        )
+
+    async def _stop_watchers(self, names: list[str]) -> None:
+        """Watchers close their sockets and write out what they hold, then end."""
+        for name in names:
+            self.watchers[name].stop()
+        await _finish([self._drive_tasks.pop(name) for name in names], WATCHER_STOP_TIMEOUT)
+        for name in names:
+            del self.watchers[name]
+
+    async def _stop_dispatchers(self, names: list[str]) -> None:
+        """Dispatchers give attempts under way the grace period; the rest waits on disk."""
+        for name in names:
+            self.dispatchers[name].stop()
+        grace = self.config.shutdown_grace
+        await _finish([self._dispatch_tasks.pop(name) for name in names], grace + 5)
+        for name in names:
+            del self.dispatchers[name]
 
     def _wake_dispatcher(self, webhook: str) -> None:
         dispatcher = self.dispatchers.get(webhook)
         if dispatcher is not None:
             dispatcher.wake()
 
-    async def _serve(
-        self, session: aiohttp.ClientSession, outbox: Outbox, shutdown: asyncio.Event
-    ) -> None:
-        config = self.config
-        graph = GraphClient(session, config.graph.base_url)
-        tokens = {name: token_provider(name, account) for name, account in config.accounts.items()}
-        async with asyncio.TaskGroup() as group:
-            dispatch_tasks = []
-            for name, webhook in config.webhooks.items():
-                dispatcher = Dispatcher(name, webhook, outbox, session)
-                self.dispatchers[name] = dispatcher
-                dispatch_tasks.append(
-                    group.create_task(
-                        dispatcher.run(grace=config.shutdown_grace), name=f"relayd-webhook-{name}"
-                    )
-                )
-            watch_tasks = []
-            for drive in config.drives:
-                watcher = DriveWatcher(
-                    drive,
-                    graph=graph,
-                    tokens=tokens[drive.account],
-                    sink=outbox.add,
-                    socket_session=session,
-                )
-                self.watchers[drive.name] = watcher
-                watch_tasks.append(
-                    group.create_task(
-                        self._keep_watching(watcher), name=f"relayd-drive-{drive.name}"
-                    )
-                )
-            prune = group.create_task(self._prune_loop(outbox), name="relayd-prune")
-            log.info("started", drives=len(config.drives), webhooks=len(config.webhooks))
-            self.started.set()
-
-            await shutdown.wait()
-            log.info("stopping")
-            for watcher in self.watchers.values():
-                watcher.stop()
-            await _finish(watch_tasks, WATCHER_STOP_TIMEOUT)
-            for dispatcher in self.dispatchers.values():
-                dispatcher.stop()
-            await _finish(dispatch_tasks, config.shutdown_grace + 5)
-            prune.cancel()
-        log.info("stopped")
+    # -- the drives' tasks and housekeeping -------------------------------------------------------
 
     async def _keep_watching(self, watcher: DriveWatcher) -> None:
         """A drive's task: its watcher, restarted if it ever fails, never taking others down."""
@@ -170,20 +360,52 @@ class Supervisor:
                 )
             await asyncio.sleep(DRIVE_RESTART_DELAY)
 
-    async def _prune_loop(self, outbox: Outbox) -> None:
-        retention = self.config.outbox.delivered_retention
+    async def _prune_loop(self) -> None:
+        assert self.outbox is not None
         while True:
-            removed = await outbox.prune(time.time() - retention)
+            retention = self.config.outbox.delivered_retention
+            removed = await self.outbox.prune(time.time() - retention)
             if removed:
                 log.info("pruned delivered notifications", count=removed)
             await asyncio.sleep(PRUNE_INTERVAL)
 
+    async def _tick_loop(self) -> None:
+        """Watchdog pings and the status line, from the event loop itself: a stuck loop stops
+        them, and systemd restarts the service."""
+        watchdog = watchdog_interval()
+        tick = min(STATUS_INTERVAL, watchdog) if watchdog else STATUS_INTERVAL
+        last_status = 0.0
+        while True:
+            if watchdog:
+                self._notifier.watchdog()
+            if time.monotonic() - last_status >= STATUS_INTERVAL:
+                last_status = time.monotonic()
+                await self.refresh_backlog()
+                self._notifier.status(self.status_line())
+            await asyncio.sleep(tick)
 
-async def _finish(tasks: list[asyncio.Task[None]], timeout: float) -> None:
+    async def refresh_backlog(self) -> None:
+        if self.outbox is None:
+            return
+        try:
+            counts, oldest = await self.outbox.backlog()
+        except OutboxError as exc:
+            log.error("cannot read the outbox backlog", error=str(exc))
+            return
+        self.backlog = Backlog(counts=counts, oldest=oldest)
+
+    def status_line(self) -> str:
+        """systemd's STATUS=: one line a person reads in `systemctl status`."""
+        connected = sum(1 for w in self.watchers.values() if w.status.state is DriveState.CONNECTED)
+        waiting = sum(self.backlog.counts.values())
+        return f"{connected}/{len(self.watchers)} drives connected, {waiting} notifications waiting"
+
+
+async def _finish(tasks: list[asyncio.Task[None]], within: float) -> None:
     """Wait for tasks to end by themselves, then cancel whatever is left."""
     if not tasks:
         return
-    _, late = await asyncio.wait(tasks, timeout=timeout)
+    _, late = await asyncio.wait(tasks, timeout=within)
     for task in late:
         task.cancel()
     if late:

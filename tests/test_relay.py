@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
-from relayd.emulator import GraphEmulator, WebhookReceiver
+from conftest import StartRelay
 from support.waiting import wait_until
 
-from conftest import StartRelay, seqs
+from relayd.emulator import GraphEmulator, WebhookReceiver
 
 
 async def test_a_notification_reaches_the_webhook_with_the_documented_body(

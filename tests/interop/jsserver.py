@@ -266,7 +266,7 @@ class JsSocketIoServer:
         result = await self._control("GET", "clients", {})
         return int(result["clients"])
 
-    async def wait_clients(self, n: int, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    async def wait_clients(self, n: int, timeout: float = 10.0) -> None:
         """Poll until exactly ``n`` sockets are connected to the namespace.
 
         Raises TimeoutError (with the last count seen) after ``timeout`` seconds.

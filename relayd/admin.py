@@ -1,0 +1,232 @@
+"""The admin HTTP server: /healthz, /readyz, /status and Prometheus /metrics.
+
+It listens on loopback by default (admin.listen) and only reads what the supervisor, its watchers
+and dispatchers already keep; nothing here changes the relay. Metrics that are counted elsewhere
+(notifications, reconnects, backlog) are read at scrape time by a collector, so the hot paths pay
+nothing for them; delivery outcomes and latency are observed as they happen.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from relayd.outbox import AttemptResult, State
+from relayd.watcher import DriveState
+
+if TYPE_CHECKING:
+    from relayd.supervisor import Supervisor
+
+# Drive states in which the relay does all it can: connected, or waiting on something that only a
+# person or Microsoft can change. Starting and reconnecting drives are not ready yet.
+SETTLED = frozenset({DriveState.CONNECTED, DriveState.NOT_SUPPORTED, DriveState.NEEDS_LOGIN})
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class Metrics:
+    """Every series relayd exports, in a registry of its own (one per supervisor)."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.deliveries = Counter(
+            "relayd_deliveries",
+            "Delivery attempts by webhook and outcome (delivered, retry, dead).",
+            ["webhook", "outcome"],
+            registry=self.registry,
+        )
+        self.delivery_latency = Histogram(
+            "relayd_delivery_latency_seconds",
+            "Time from a POST's start to the webhook's answer.",
+            ["webhook"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.reloads = Counter(
+            "relayd_config_reloads", "Config reloads by result.", ["result"], registry=self.registry
+        )
+        self.last_reload_ok = Gauge(
+            "relayd_config_last_reload_successful",
+            "1 if the last config reload succeeded, 0 if it was refused.",
+            registry=self.registry,
+        )
+        self.last_reload_time = Gauge(
+            "relayd_config_last_reload_timestamp_seconds",
+            "When the config was last (re)loaded successfully.",
+            registry=self.registry,
+        )
+        self.last_reload_ok.set(1)
+        self.last_reload_time.set(time.time())
+        self.registry.register(_RelayCollector(supervisor))
+
+    def observe(self, webhook: str, result: AttemptResult) -> None:
+        outcome = {State.DELIVERED: "delivered", State.DEAD: "dead"}.get(result.state, "retry")
+        self.deliveries.labels(webhook, outcome).inc()
+        if result.latency is not None:
+            self.delivery_latency.labels(webhook).observe(result.latency)
+
+    def reloaded(self, ok: bool) -> None:
+        self.reloads.labels("success" if ok else "failure").inc()
+        self.last_reload_ok.set(1 if ok else 0)
+        if ok:
+            self.last_reload_time.set(time.time())
+
+
+class _RelayCollector(Collector):
+    """Reads drive and outbox state at scrape time."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        supervisor = self._supervisor
+        received = CounterMetricFamily(
+            "relayd_notifications_received", "Notifications received, per drive.", labels=["drive"]
+        )
+        malformed = CounterMetricFamily(
+            "relayd_notifications_malformed",
+            "Notification events that were not what Graph sends, per drive.",
+            labels=["drive"],
+        )
+        reconnects = CounterMetricFamily(
+            "relayd_reconnects", "Connections lost and re-established, per drive.", labels=["drive"]
+        )
+        renewals = CounterMetricFamily(
+            "relayd_endpoint_renewals",
+            "socketIo endpoints renewed before expiry.",
+            labels=["drive"],
+        )
+        connected = GaugeMetricFamily(
+            "relayd_drive_connected", "1 if the drive's socket is connected.", labels=["drive"]
+        )
+        state = GaugeMetricFamily(
+            "relayd_drive_state",
+            "The drive's state (1 for the current one).",
+            labels=["drive", "state"],
+        )
+        for name, watcher in supervisor.watchers.items():
+            status = watcher.status
+            received.add_metric([name], status.received)
+            malformed.add_metric([name], status.malformed)
+            reconnects.add_metric([name], status.reconnects)
+            renewals.add_metric([name], status.renewals)
+            connected.add_metric([name], 1 if status.state is DriveState.CONNECTED else 0)
+            for candidate in DriveState:
+                state.add_metric([name, candidate.value], 1 if status.state is candidate else 0)
+        yield from (received, malformed, reconnects, renewals, connected, state)
+
+        refreshes = CounterMetricFamily(
+            "relayd_token_refreshes",
+            "Tokens fetched from each account's source.",
+            labels=["account"],
+        )
+        for account, provider in supervisor.tokens.items():
+            refreshes.add_metric([account], getattr(provider, "refreshes", 0))
+        yield refreshes
+
+        backlog = GaugeMetricFamily(
+            "relayd_outbox_backlog",
+            "Notifications waiting for delivery, per webhook.",
+            labels=["webhook"],
+        )
+        oldest = GaugeMetricFamily(
+            "relayd_outbox_oldest_age_seconds",
+            "Age of the oldest notification waiting for delivery, per webhook.",
+            labels=["webhook"],
+        )
+        snapshot = supervisor.backlog
+        now = time.time()
+        for webhook in sorted(set(supervisor.dispatchers) | set(snapshot.counts)):
+            count, created = snapshot.counts.get(webhook, 0), snapshot.oldest.get(webhook)
+            backlog.add_metric([webhook], count)
+            oldest.add_metric([webhook], 0.0 if created is None else max(0.0, now - created))
+        yield from (backlog, oldest)
+
+
+def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
+    """What `relayd status` and /readyz show per drive."""
+    report = {}
+    for name, watcher in supervisor.watchers.items():
+        status = watcher.status
+        report[name] = {
+            "state": status.state.value,
+            "since": status.since,
+            "last_notification": status.last_notification,
+            "last_error": status.last_error,
+            "received": status.received,
+            "malformed": status.malformed,
+            "reconnects": status.reconnects,
+            "renewals": status.renewals,
+            "webhooks": list(watcher.drive.webhook),
+        }
+    return report
+
+
+def is_ready(supervisor: Supervisor) -> bool:
+    return supervisor.started.is_set() and all(
+        watcher.status.state in SETTLED for watcher in supervisor.watchers.values()
+    )
+
+
+def build_app(supervisor: Supervisor) -> web.Application:
+    async def healthz(_: web.Request) -> web.Response:
+        # Answering at all proves the event loop turns.
+        return web.Response(text="ok\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ready = is_ready(supervisor)
+        body = {
+            "ready": ready,
+            "outbox": supervisor.outbox is not None,
+            "drives": {name: d["state"] for name, d in drive_report(supervisor).items()},
+        }
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def status(_: web.Request) -> web.Response:
+        snapshot = supervisor.backlog
+        body = {
+            "ready": is_ready(supervisor),
+            "drives": drive_report(supervisor),
+            "backlog": snapshot.counts,
+            "oldest_pending": snapshot.oldest,
+            "reload": {"ok": supervisor.last_reload_ok, "error": supervisor.last_reload_error},
+        }
+        return web.json_response(body)
+
+    async def metrics(_: web.Request) -> web.Response:
+        await supervisor.refresh_backlog()
+        payload = generate_latest(supervisor.metrics.registry)
+        return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+class AdminServer:
+    """The admin app on admin.listen; `async with AdminServer(...)` binds it."""
+
+    def __init__(self, supervisor: Supervisor, host: str, port: int) -> None:
+        self._runner = web.AppRunner(build_app(supervisor), access_log=None)
+        self._host = host
+        self._port = port
+        self.port = port
+
+    async def __aenter__(self) -> AdminServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._runner.cleanup()

@@ -1,0 +1,739 @@
+"""An in-process fake of Microsoft Graph's socketIo change notifications, for tests and demos.
+
+One aiohttp app on one port plays both halves of the real service:
+
+* Graph's "Get websocket endpoint" API (`GET /v1.0/.../root/subscriptions/socketIo`), which hands
+  out a subscription whose notificationUrl names the push service, and
+* the push service itself: a Socket.IO server (websocket transport only, as Graph) whose namespace
+  is the notificationUrl's path and whose opaque query string is the credential.
+
+Tests drive it directly (`emit`, `kick`, `expire`, `inject_error`, ...) or, when the relay runs in
+another process, through a small control API under `/_emulator/`. `python -m relayd.emulator.graph`
+runs it standalone. The protocol facts it imitates are in docs/graph-socketio.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import functools
+import json
+import math
+import secrets
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any, Final, Literal, TypeVar
+from urllib.parse import parse_qs
+
+import engineio
+import socketio
+from aiohttp import web
+from socketio.exceptions import ConnectionRefusedError as SocketIORefused
+
+__all__ = ["GraphEmulator", "main"]
+
+UrlForm = Literal["notifications", "callback"]
+ExpiryBehaviour = Literal["close", "quiet"]
+
+NOTIFICATIONS_NAMESPACE: Final = "/notifications"
+CALLBACK_NAMESPACE: Final = "/zbaehwg"
+
+# Which query parameter carries the subscription's secret in each namespace.
+_SECRET_PARAM: Final = {NOTIFICATIONS_NAMESPACE: "token", CALLBACK_NAMESPACE: "snthgk"}
+
+# A socket that does not answer a graceful close within this long is cut by the web server.
+_CLOSE_GRACE = 0.5
+
+_UNSET: Final[Any] = object()
+
+# Graph's own content type for OData answers: a relay must look at the media type only.
+_GRAPH_JSON: Final = (
+    "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;"
+    "charset=utf-8"
+)
+
+
+def graph_time(moment: datetime) -> str:
+    """Format a UTC time the way Graph does: RFC 3339, `Z`, trailing fraction zeros trimmed.
+
+    Real answers carry a variable number of fraction digits ("...:50.88Z"), so relays must not
+    parse with a fixed format; trimming here keeps them honest.
+    """
+    moment = moment.astimezone(UTC)
+    fraction = f"{moment.microsecond // 1000:03d}".rstrip("0")
+    stamp = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{fraction}Z" if fraction else f"{stamp}Z"
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _graph_error(
+    status: int, code: str, message: str, *, retry_after: float | None = None
+) -> web.Response:
+    """Graph's JSON error body, innerError included, since relays must tolerate the extra keys."""
+    body = {
+        "error": {
+            "code": code,
+            "message": message,
+            "innerError": {
+                "date": graph_time(datetime.now(UTC)),
+                "request-id": str(uuid.uuid4()),
+                "client-request-id": str(uuid.uuid4()),
+            },
+        }
+    }
+    headers = {}
+    if retry_after is not None:
+        headers["Retry-After"] = str(max(0, math.ceil(retry_after)))
+    return web.json_response(body, status=status, headers=headers)
+
+
+@dataclass(eq=False)  # identity semantics: kept in sets
+class _Subscription:
+    id: str
+    resource: str
+    secret: str
+    client_state: str
+    namespace: str
+    expires_at: datetime
+    deadline: float  # time.monotonic() at expires_at: wall-clock jumps must not expire sockets
+    expired: bool = False
+
+    def is_expired(self) -> bool:
+        return self.expired or time.monotonic() >= self.deadline
+
+
+@dataclass
+class _InjectedError:
+    status: int
+    code: str
+    retry_after: float | None
+
+
+@dataclass
+class _Drive:
+    resource: str
+    drive_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    web_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    seq: int = 0
+    errors: collections.deque[_InjectedError] = field(default_factory=collections.deque)
+    subscriptions: list[_Subscription] = field(default_factory=list)
+
+
+@dataclass
+class _Connection:
+    subscription: _Subscription
+    namespace: str
+
+
+class _EngineIOServer(engineio.AsyncServer):  # type: ignore[misc]
+    """engineio's server with two fixes an emulator needs.
+
+    * Every background task it starts (one per ping, the client monitor) is remembered, so
+      `GraphEmulator.stop` can cancel what is left instead of leaving tasks for the loop to find.
+    * engineio advertises `int(ping_interval) * 1000` ms in its OPEN packet (the int() is applied
+      before the multiplication), so a fractional interval would be announced truncated, 0 for
+      anything under a second. The OPEN packet still sits unsent in the socket's queue when the
+      connect event fires, so the exact value is written into it there.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owned_tasks: set[asyncio.Task[Any]] = set()
+
+    def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = super().start_background_task(target, *args, **kwargs)
+        self.owned_tasks.add(task)
+        task.add_done_callback(self.owned_tasks.discard)
+        return task
+
+    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "connect" and args:
+            self._announce_exact_ping_interval(args[0])
+        return await super()._trigger_event(event, *args, **kwargs)
+
+    def _announce_exact_ping_interval(self, sid: str) -> None:
+        sock = self.sockets.get(sid)
+        pending = getattr(getattr(sock, "queue", None), "_queue", ())
+        for pkt in pending:
+            if pkt.packet_type == engineio.packet.OPEN and isinstance(pkt.data, dict):
+                pkt.data["pingInterval"] = round(self.ping_interval * 1000)
+
+
+class _SocketIOServer(socketio.AsyncServer):  # type: ignore[misc]
+    def _engineio_server_class(self) -> type[_EngineIOServer]:
+        return _EngineIOServer
+
+
+class GraphEmulator:
+    """Fake Graph socketIo endpoint plus push service; see the module docstring.
+
+    Drives are keyed by the resource string relayd's config writes: "me", "drives/{id}",
+    "groups/{id}", "sites/{siteId}/lists/{listId}". Any id is accepted; a drive exists from its
+    first use.
+
+    `push_base_url` (an attribute too, read at each endpoint GET) sends clients elsewhere for the
+    socket, e.g. to a proxy in front of this emulator, which can only be built once `port` is
+    known: start the emulator, start the proxy, then set `push_base_url`.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        tokens: Iterable[str] = ("test-token",),
+        lifetime: float = 3600.0,
+        url_form: UrlForm = "notifications",
+        expiry: ExpiryBehaviour = "close",
+        ping_interval: float = 25.0,
+        ping_timeout: float = 20.0,
+        push_base_url: str | None = None,
+    ) -> None:
+        if url_form not in ("notifications", "callback"):
+            raise ValueError(f"url_form must be 'notifications' or 'callback', not {url_form!r}")
+        if expiry not in ("close", "quiet"):
+            raise ValueError(f"expiry must be 'close' or 'quiet', not {expiry!r}")
+        if ping_interval <= 0 or ping_timeout <= 0:
+            raise ValueError("ping_interval and ping_timeout must be positive")
+        self.host = host
+        self.port = port
+        self.url_form: UrlForm = url_form
+        self.expiry: ExpiryBehaviour = expiry
+        self.push_base_url = push_base_url
+        self._tokens = set(tokens)
+        self._lifetime = float(lifetime)
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+
+        self.endpoint_requests: collections.Counter[str] = collections.Counter()
+        self.connects: collections.Counter[str] = collections.Counter()
+        self.emitted: dict[str, int] = {}
+
+        self._tenant_id = str(uuid.uuid4())
+        self._drives: dict[str, _Drive] = {}
+        self._by_secret: dict[str, _Subscription] = {}
+        self._live: set[_Subscription] = set()  # not yet expired: what the expiry task watches
+        self._conns: dict[str, _Connection] = {}  # Socket.IO sid -> its subscription
+        # In-flight Engine.IO requests (a websocket is one long request), by aiohttp's task.
+        self._eio_requests: dict[asyncio.Task[Any], web.Request] = {}
+        self._emit_lock = asyncio.Lock()
+        self._expiry_wake = asyncio.Event()
+        self._expiry_task: asyncio.Task[None] | None = None
+        self._sio: Any = None
+        self._runner: web.AppRunner | None = None
+        self._state: Literal["new", "running", "stopping", "stopped"] = "new"
+        self._stopped = asyncio.Event()
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """What a relay config puts in graph.base_url."""
+        return f"http://{_netloc(self.host, self.port)}/v1.0"
+
+    @property
+    def push_base_url(self) -> str | None:
+        """Where notificationUrls point instead of this server, or None."""
+        return self._push_base_url
+
+    @push_base_url.setter
+    def push_base_url(self, url: str | None) -> None:
+        self._push_base_url = url.rstrip("/") if url else None
+
+    @property
+    def push_url(self) -> str:
+        """Scheme and authority of the notificationUrls handed out."""
+        return self.push_base_url or f"http://{_netloc(self.host, self.port)}"
+
+    async def start(self) -> None:
+        """Bind and serve; after this `port` and `base_url` are valid."""
+        if self._state != "new":
+            raise RuntimeError("a GraphEmulator starts once")
+        self._sio = _SocketIOServer(
+            async_mode="aiohttp",
+            transports=["websocket"],  # Graph refuses HTTP long-polling
+            ping_interval=self._ping_interval,
+            ping_timeout=self._ping_timeout,
+            logger=False,
+            engineio_logger=False,
+        )
+        for namespace in (NOTIFICATIONS_NAMESPACE, CALLBACK_NAMESPACE):
+            self._register_namespace(namespace)
+        # A client that passes the notificationUrl as is joins "/" and, as with the real service,
+        # is accepted and then hears nothing.
+        self._sio.on("connect", handler=lambda sid, environ, auth: True, namespace="/")
+
+        app = web.Application()
+        # Routed here rather than with sio.attach(app), so stop() can see the live websockets.
+        app.router.add_route("*", "/socket.io/", self._engineio_request)
+        self._add_graph_routes(app)
+        self._add_control_routes(app)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLOSE_GRACE)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.host, self.port)
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        self._expiry_task = asyncio.create_task(self._expire_when_due(), name="emulator-expiry")
+        self._state = "running"
+
+    async def stop(self) -> None:
+        """Close every socket and the server; idempotent."""
+        if self._state in ("new", "stopped"):
+            self._state = "stopped"
+            return
+        if self._state == "stopping":  # a concurrent stop(): return when it is done
+            await self._stopped.wait()
+            return
+        self._state = "stopping"
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
+            self._expiry_task = None
+        for sid, conn in list(self._conns.items()):
+            await self._close_socket(sid, conn)
+        eio = self._sio.eio
+        for eio_sid in list(eio.sockets):  # e.g. clients that joined "/" only
+            await self._close_engineio(eio_sid)
+        await self._await_websockets_closed()
+        await self._sio.shutdown()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        # What engineio started and did not finish (pings sleeping out their interval).
+        leftovers = list(eio.owned_tasks)
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
+        self._state = "stopped"
+        self._stopped.set()
+
+    async def __aenter__(self) -> GraphEmulator:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ---- knobs --------------------------------------------------------------------------------
+
+    def accept_token(self, token: str) -> None:
+        self._tokens.add(token)
+
+    def revoke_token(self, token: str) -> None:
+        self._tokens.discard(token)
+
+    def set_lifetime(self, seconds: float) -> None:
+        """Lifetime of subscriptions created from now on; existing ones keep theirs."""
+        self._lifetime = float(seconds)
+
+    def inject_error(
+        self,
+        resource: str,
+        status: int,
+        code: str,
+        *,
+        retry_after: float | None = None,
+        count: int = 1,
+    ) -> None:
+        """Answer the drive's next `count` authorised endpoint GETs with this Graph error."""
+        drive = self._drive(resource)
+        for _ in range(count):
+            drive.errors.append(_InjectedError(status, code, retry_after))
+
+    # ---- events -------------------------------------------------------------------------------
+
+    async def emit(self, resource: str, count: int = 1, *, raw: Any = _UNSET) -> int:
+        """Send `count` notifications to every live, unexpired socket of the drive, in order.
+
+        Each bumps the drive's sequence number (`relaydEmulatorSeq` in the item, `emitted[...]`),
+        whether or not a socket hears it. With `raw`, that exact value is sent once instead, and
+        no sequence number is used. Returns the number of deliveries: sockets reached, summed over
+        the notifications sent.
+        """
+        drive = self._drive(resource)
+        reached = 0
+        async with self._emit_lock:  # concurrent callers must not interleave sequence numbers
+            if raw is not _UNSET:
+                return await self._send(drive, lambda _sub: raw)
+            for _ in range(count):
+                drive.seq += 1
+                self.emitted[resource] = drive.seq
+                payload = functools.partial(self._payload, drive, seq=drive.seq)
+                reached += await self._send(drive, payload)
+        return reached
+
+    async def kick(self, resource: str) -> int:
+        """Disconnect, server side, every live socket of the drive; returns how many."""
+        victims = [(s, c) for s, c in self._conns.items() if c.subscription.resource == resource]
+        for sid, conn in victims:
+            await self._close_socket(sid, conn)
+        return len(victims)
+
+    async def expire(self, resource: str) -> None:
+        """Every current subscription of the drive expires now (see `expiry` for what follows)."""
+        for sub in list(self._drive(resource).subscriptions):
+            if not sub.expired:
+                await self._expire_subscription(sub)
+
+    def connected(self, resource: str, *, include_expired: bool = True) -> int:
+        """Live sockets of the drive now; with include_expired=False, only unexpired ones."""
+        return sum(
+            1
+            for conn in self._conns.values()
+            if conn.subscription.resource == resource
+            and (include_expired or not conn.subscription.is_expired())
+        )
+
+    def issued_secrets(self) -> list[str]:
+        """Every subscription secret handed out so far, oldest first: for "never logged" checks."""
+        return list(self._by_secret)
+
+    def state(self) -> dict[str, dict[str, int]]:
+        """Per-drive counters, as the control API's `GET /_emulator/state` returns them."""
+        names = (
+            set(self._drives) | set(self.endpoint_requests) | set(self.connects) | set(self.emitted)
+        )
+        return {
+            name: {
+                "connected": self.connected(name),
+                "endpoint_requests": self.endpoint_requests[name],
+                "connects": self.connects[name],
+                "emitted": self.emitted.get(name, 0),
+            }
+            for name in sorted(names)
+        }
+
+    # ---- internals: subscriptions -------------------------------------------------------------
+
+    def _drive(self, resource: str) -> _Drive:
+        drive = self._drives.get(resource)
+        if drive is None:
+            drive = self._drives[resource] = _Drive(resource)
+        return drive
+
+    def _new_subscription(self, drive: _Drive) -> tuple[_Subscription, str]:
+        secret = secrets.token_urlsafe(32)
+        callback = self.url_form == "callback"
+        sub = _Subscription(
+            id=str(uuid.uuid4()),
+            resource=drive.resource,
+            secret=secret,
+            client_state=f"system-managed:{str(uuid.uuid4()).upper()}",
+            namespace=CALLBACK_NAMESPACE if callback else NOTIFICATIONS_NAMESPACE,
+            expires_at=datetime.now(UTC) + timedelta(seconds=self._lifetime),
+            deadline=time.monotonic() + self._lifetime,
+        )
+        drive.subscriptions.append(sub)
+        self._by_secret[secret] = sub
+        self._live.add(sub)
+        self._expiry_wake.set()
+        if callback:
+            url = f"{self.push_url}/zbaehwg/callback?snthgk={secret}"
+        else:
+            url = f"{self.push_url}/notifications?token={secret}&applicationId={uuid.uuid4()}"
+        return sub, url
+
+    async def _expire_subscription(self, sub: _Subscription) -> None:
+        sub.expired = True
+        self._live.discard(sub)
+        if self.expiry == "close":
+            for sid, conn in list(self._conns.items()):
+                if conn.subscription is sub:
+                    await self._close_socket(sid, conn)
+
+    async def _expire_when_due(self) -> None:
+        """Expire subscriptions as their expirationDateTime passes, so short lifetimes are real."""
+        while True:
+            # Clear before looking, so a subscription created while we work wakes the next wait.
+            self._expiry_wake.clear()
+            now = time.monotonic()
+            for sub in sorted(self._live, key=lambda s: s.deadline):
+                if sub.deadline <= now:
+                    await self._expire_subscription(sub)
+            next_deadline = min((s.deadline for s in self._live), default=None)
+            timeout = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._expiry_wake.wait(), timeout)
+
+    # ---- internals: sockets -------------------------------------------------------------------
+
+    def _register_namespace(self, namespace: str) -> None:
+        async def on_connect(sid: str, environ: dict[str, Any], auth: Any = None) -> None:
+            self._accept(sid, namespace, environ)
+
+        async def on_disconnect(sid: str, reason: Any = None) -> None:
+            self._conns.pop(sid, None)
+
+        self._sio.on("connect", handler=on_connect, namespace=namespace)
+        self._sio.on("disconnect", handler=on_disconnect, namespace=namespace)
+
+    def _accept(self, sid: str, namespace: str, environ: dict[str, Any]) -> None:
+        if self._state != "running":
+            raise SocketIORefused("shutting down")
+        # The query string of the Engine.IO handshake is where Graph's opaque credential travels.
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        values = query.get(_SECRET_PARAM[namespace], [])
+        sub = self._by_secret.get(values[0]) if values else None
+        if sub is None or sub.namespace != namespace:
+            raise SocketIORefused("unknown subscription")
+        if self.expiry == "close" and sub.is_expired():
+            raise SocketIORefused("subscription expired")
+        self._conns[sid] = _Connection(sub, namespace)
+        self.connects[sub.resource] += 1
+
+    def _payload(self, drive: _Drive, sub: _Subscription, seq: int) -> str:
+        item = {
+            "subscriptionId": sub.id,
+            "clientState": sub.client_state,
+            "expirationDateTime": graph_time(sub.expires_at),
+            "resource": drive.drive_id,
+            "tenantId": self._tenant_id,
+            "siteUrl": "/personal/emulator",
+            "webId": drive.web_id,
+            "relaydEmulatorSeq": seq,
+        }
+        # Graph sends the payload as a JSON *string*, to be parsed a second time.
+        return json.dumps({"value": [item]})
+
+    async def _send(self, drive: _Drive, make: Callable[[_Subscription], Any]) -> int:
+        reached = 0
+        for sid, conn in list(self._conns.items()):
+            sub = conn.subscription
+            if sub.resource != drive.resource or sub.is_expired():
+                continue
+            await self._sio.emit("notification", make(sub), to=sid, namespace=conn.namespace)
+            reached += 1
+        return reached
+
+    async def _close_socket(self, sid: str, conn: _Connection) -> None:
+        """Namespace disconnect (`41`), then close the Engine.IO socket too.
+
+        A python-socketio client drops the connection on `41` by itself; closing the transport as
+        well means any client, however it treats `41`, sees the disconnect.
+        """
+        eio_sid = self._sio.manager.eio_sid_from_sid(sid, conn.namespace)
+        await self._sio.disconnect(sid, namespace=conn.namespace)
+        self._conns.pop(sid, None)
+        if eio_sid is not None:
+            await self._close_engineio(eio_sid)
+
+    async def _await_websockets_closed(self) -> None:
+        """Let clients answer the close, then cut whoever has not.
+
+        Once aiohttp's shutdown starts it drops incoming bytes, so a client's closing handshake
+        must be over before `runner.cleanup()`, or each socket costs the full shutdown timeout.
+        """
+        if self._eio_requests:
+            await asyncio.wait(list(self._eio_requests), timeout=_CLOSE_GRACE)
+        for request in list(self._eio_requests.values()):
+            if request.transport is not None:
+                request.transport.abort()  # a frozen or vanished client: no handshake to wait for
+        if self._eio_requests:
+            await asyncio.wait(list(self._eio_requests), timeout=_CLOSE_GRACE)
+
+    async def _engineio_request(self, request: web.Request) -> web.StreamResponse:
+        task = asyncio.current_task()
+        assert task is not None
+        self._eio_requests[task] = request
+        try:
+            response: web.StreamResponse = await self._sio.handle_request(request)
+            return response
+        finally:
+            del self._eio_requests[task]
+
+    async def _close_engineio(self, eio_sid: str) -> None:
+        # engineio's close waits for its queue to drain; a client that stopped reading (a frozen
+        # proxy) must not hang us, so give up after a grace period: the web server cuts it later.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_GRACE):
+                await self._sio.eio.disconnect(eio_sid)
+
+    # ---- internals: HTTP ----------------------------------------------------------------------
+
+    def _add_graph_routes(self, app: web.Application) -> None:
+        tail = "root/subscriptions/socketIo"
+        for path in (
+            f"/v1.0/me/drive/{tail}",
+            f"/v1.0/drives/{{drive_id}}/{tail}",
+            f"/v1.0/groups/{{group_id}}/drive/{tail}",
+            f"/v1.0/sites/{{site_id}}/lists/{{list_id}}/drive/{tail}",
+        ):
+            app.router.add_get(path, self._socketio_endpoint)
+
+    async def _socketio_endpoint(self, request: web.Request) -> web.Response:
+        match = request.match_info
+        if "site_id" in match:
+            resource = f"sites/{match['site_id']}/lists/{match['list_id']}"
+        elif "group_id" in match:
+            resource = f"groups/{match['group_id']}"
+        elif "drive_id" in match:
+            resource = f"drives/{match['drive_id']}"
+        else:
+            resource = "me"
+        self.endpoint_requests[resource] += 1
+        drive = self._drive(resource)
+
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return _graph_error(401, "InvalidAuthenticationToken", "Access token is empty.")
+        if token.strip() not in self._tokens:
+            return _graph_error(
+                401, "InvalidAuthenticationToken", "IDX14100: JWT is not well formed."
+            )
+        if drive.errors:
+            err = drive.errors.popleft()
+            return _graph_error(
+                err.status, err.code, "Injected by the emulator.", retry_after=err.retry_after
+            )
+
+        sub, url = self._new_subscription(drive)
+        body = {
+            "@odata.context": f"{self.base_url}/$metadata#subscriptions/$entity",
+            "clientState": sub.client_state,
+            "expirationDateTime": graph_time(sub.expires_at),
+            "id": sub.id,
+            "notificationUrl": url,
+        }
+        return web.Response(
+            text=json.dumps(body),
+            headers={"Content-Type": _GRAPH_JSON, "request-id": str(uuid.uuid4())},
+        )
+
+    def _add_control_routes(self, app: web.Application) -> None:
+        app.router.add_post("/_emulator/emit", self._control_emit)
+        app.router.add_post("/_emulator/kick", self._control_kick)
+        app.router.add_post("/_emulator/expire", self._control_expire)
+        app.router.add_post("/_emulator/error", self._control_error)
+        app.router.add_post("/_emulator/lifetime", self._control_lifetime)
+        app.router.add_get("/_emulator/state", self._control_state)
+
+    async def _control_emit(self, request: web.Request) -> web.Response:
+        resource = _query_resource(request)
+        count = _query_number(request, "count", int, 1)
+        return web.json_response({"reached": await self.emit(resource, count)})
+
+    async def _control_kick(self, request: web.Request) -> web.Response:
+        return web.json_response({"kicked": await self.kick(_query_resource(request))})
+
+    async def _control_expire(self, request: web.Request) -> web.Response:
+        await self.expire(_query_resource(request))
+        return web.json_response({})
+
+    async def _control_error(self, request: web.Request) -> web.Response:
+        retry_after = request.query.get("retry_after")
+        self.inject_error(
+            _query_resource(request),
+            _query_number(request, "status", int, None),
+            request.query.get("code", "serviceNotAvailable"),
+            retry_after=float(retry_after) if retry_after is not None else None,
+            count=_query_number(request, "count", int, 1),
+        )
+        return web.json_response({})
+
+    async def _control_lifetime(self, request: web.Request) -> web.Response:
+        self.set_lifetime(_query_number(request, "seconds", float, None))
+        return web.json_response({})
+
+    async def _control_state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.state())
+
+
+def _query_resource(request: web.Request) -> str:
+    resource = request.query.get("resource")
+    if not resource:
+        raise web.HTTPBadRequest(text="missing ?resource=")
+    return resource
+
+
+_N = TypeVar("_N", int, float)
+
+
+def _query_number(request: web.Request, name: str, kind: type[_N], default: _N | None) -> _N:
+    raw = request.query.get(name)
+    if raw is None:
+        if default is None:
+            raise web.HTTPBadRequest(text=f"missing ?{name}=")
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise web.HTTPBadRequest(text=f"?{name}= must be a number") from None
+
+
+# ---- standalone -------------------------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m relayd.emulator.graph",
+        description="Run the Graph socketIo emulator until SIGINT or SIGTERM.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument(
+        "--token",
+        action="append",
+        dest="tokens",
+        help="accepted bearer token (repeatable; default: test-token)",
+    )
+    parser.add_argument("--lifetime", type=float, default=3600.0)
+    parser.add_argument(
+        "--url-form", choices=("notifications", "callback"), default="notifications"
+    )
+    parser.add_argument("--expiry", choices=("close", "quiet"), default="close")
+    parser.add_argument("--ping-interval", type=float, default=25.0)
+    parser.add_argument("--ping-timeout", type=float, default=20.0)
+    parser.add_argument("--push-base-url", default=None)
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)  # the handler only signals; the loop shuts down
+    emulator = GraphEmulator(
+        host=args.host,
+        port=args.port,
+        tokens=args.tokens or ("test-token",),
+        lifetime=args.lifetime,
+        url_form=args.url_form,
+        expiry=args.expiry,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        push_base_url=args.push_base_url,
+    )
+    async with emulator:
+        print(f"listening {emulator.base_url}", flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    asyncio.run(_serve(_parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

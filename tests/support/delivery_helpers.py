@@ -1,0 +1,76 @@
+"""Helpers for the delivery tests: configs written to disk, async polling, secrets, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from relayd import cli
+from relayd.config import Config, load_config
+from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.outbox import Filter, Outbox, State
+
+TOKEN = "test-token"  # what the emulator fixture accepts (tests/conftest.py)
+FAST_RETRY = {"initial_delay": 0.05, "max_delay": 0.5}
+
+
+def new_secret() -> str:
+    """A fresh Standard Webhooks secret: 32 random bytes, base64, `whsec_` prefix."""
+    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
+
+
+def write_config(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    *,
+    webhooks: dict[str, dict[str, Any]] | None = None,
+    drives: list[dict[str, Any]] | None = None,
+    **top: Any,
+) -> tuple[Path, Config]:
+    """Write a config file for the emulator and receiver (as `relayd --config` reads it) and
+    load it: the daemon in-process and a CLI command then share one state_dir."""
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    document: dict[str, Any] = {
+        "graph": {"base_url": emulator.base_url},
+        "state_dir": str(tmp_path / "state"),
+        "admin": {"listen": ""},
+        "accounts": {"test": {"token_file": str(token_file)}},
+        "webhooks": webhooks or {"hook": {"url": receiver.url("hook"), "retry": FAST_RETRY}},
+        "drives": drives
+        or [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
+        **top,
+    }
+    path = tmp_path / "relayd.yaml"
+    path.write_text(yaml.safe_dump(document))
+    return path, load_config(path, env={})
+
+
+async def eventually(
+    check: Callable[[], Awaitable[object]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Like `wait_until`, for a condition that has to await (the outbox answers asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def count(outbox: Outbox, webhook: str, state: State) -> int:
+    summary = await outbox.summary(Filter(webhook=webhook))
+    return summary.counts.get((webhook, state), 0)
+
+
+async def run_cli(*argv: str) -> int:
+    """`relayd ARGV...` in-process. In a thread: the command runs its own event loop, beside the
+    daemon's, as a second process would."""
+    return await asyncio.to_thread(cli.main, list(argv))

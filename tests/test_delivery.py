@@ -1,0 +1,368 @@
+"""Delivery end to end: emulator -> relay (real supervisor, real outbox) -> scripted receiver."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from conftest import Relay, StartRelay, seqs
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+from support.delivery_helpers import (
+    FAST_RETRY,
+    count,
+    eventually,
+    new_secret,
+    run_cli,
+    write_config,
+)
+from support.waiting import wait_until
+
+from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse
+from relayd.outbox import Filter, Outbox, State
+
+
+async def relay_ready(relay: Relay, emulator: GraphEmulator) -> Outbox:
+    """Wait until the relay listens to the drive; return its outbox."""
+    await wait_until(lambda: emulator.connected("me") == 1, what="relay connected")
+    assert relay.supervisor.outbox is not None
+    return relay.supervisor.outbox
+
+
+async def settle(outbox: Outbox, webhook: str, state: State, expected: int) -> None:
+    async def reached() -> bool:
+        return await count(outbox, webhook, state) == expected
+
+    await eventually(reached, what=f"{expected} {state.value} rows for {webhook}")
+
+
+def by_message(requests: list[ReceivedRequest]) -> dict[str, list[ReceivedRequest]]:
+    grouped: dict[str, list[ReceivedRequest]] = defaultdict(list)
+    for request in requests:
+        grouped[request.headers["webhook-id"]].append(request)
+    return grouped
+
+
+def on(receiver: WebhookReceiver, name: str) -> list[ReceivedRequest]:
+    return [r for r in receiver.requests if r.name == name]
+
+
+# -- outages and retries ------------------------------------------------------------------------
+
+
+async def test_a_webhook_down_for_a_while_gets_every_notification_once_byte_for_byte(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    n = 10
+    receiver.set_default("hook", ScriptedResponse(503))
+    relay = await start_relay()
+    outbox = await relay_ready(relay, emulator)
+
+    await emulator.emit("me", n)
+    await wait_until(lambda: len(receiver.requests) >= 3 * n, what="a few 503s for each")
+    # Then not even listening: every attempt is refused.
+    await receiver.stop()
+
+    async def all_refused() -> bool:
+        rows = await outbox.rows()
+        return len(rows) == n and all(
+            row["last_status"] is None and row["last_error"] for row in rows
+        )
+
+    await eventually(all_refused, what="an attempt of each refused by the closed port")
+    receiver.set_default("hook", ScriptedResponse(200))
+    await receiver.start()
+
+    delivered = await receiver.wait_for(n)
+    await settle(outbox, "hook", State.DELIVERED, n)  # nothing left to send: no later duplicate
+
+    assert len(receiver.delivered("hook")) == n
+    assert len({r.headers["webhook-id"] for r in delivered}) == n == emulator.emitted["me"]
+    assert sorted(seqs(delivered)) == list(range(1, n + 1))
+    for message_id, attempts in by_message(receiver.requests).items():
+        assert len(attempts) >= 4, message_id
+        assert {a.body for a in attempts} == {attempts[0].body}, message_id
+
+
+@pytest.mark.parametrize("status", [429, 503])
+async def test_retry_after_is_honoured_over_a_shorter_backoff(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay, status: int
+) -> None:
+    receiver.script("hook", [ScriptedResponse(status, headers={"Retry-After": "1"})])
+    relay = await start_relay(
+        webhooks={
+            "hook": {"url": receiver.url("hook"), "retry": {"initial_delay": 0.05, "max_delay": 5}}
+        }
+    )
+    await relay_ready(relay, emulator)
+
+    await emulator.emit("me")
+    await receiver.wait_for(1)
+
+    first, second = receiver.requests
+    assert (first.status, second.status) == (status, 200)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"]
+    assert 1.0 <= second.at - first.at < 2.5
+
+
+async def test_max_age_turns_a_retrying_notification_into_a_dead_letter(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    receiver.set_default("hook", ScriptedResponse(503))
+    retry = {"initial_delay": 0.05, "max_delay": 0.2, "max_age": 1}
+    relay = await start_relay(webhooks={"hook": {"url": receiver.url("hook"), "retry": retry}})
+    outbox = await relay_ready(relay, emulator)
+
+    await emulator.emit("me")
+    await settle(outbox, "hook", State.DEAD, 1)
+
+    [row] = await outbox.rows()
+    assert row["last_status"] == 503
+    assert "max_age" in row["last_error"]
+    assert row["attempts"] == len(receiver.requests) >= 3
+    # Attempts stop within max_age of receipt.
+    assert receiver.requests[-1].at - receiver.requests[0].at < 1.5
+
+
+# -- what an answer means -----------------------------------------------------------------------
+
+
+async def test_a_4xx_is_a_dead_letter_at_once_and_relayd_outbox_replay_sends_it_again(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver.script(
+        "hook", [ScriptedResponse(400, body="bad payload"), ScriptedResponse(410, body="gone")]
+    )
+    config_file, config = write_config(tmp_path, emulator, receiver)
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+
+    await emulator.emit("me", 2)
+    await settle(outbox, "hook", State.DEAD, 2)
+
+    assert len(receiver.requests) == 2  # one attempt each: no retry of a 4xx
+    rows = await outbox.rows(Filter(state=State.DEAD))
+    assert sorted(
+        (r["last_status"], r["attempts"], r["last_error"], r["last_response"]) for r in rows
+    ) == [(400, 1, "HTTP 400", "bad payload"), (410, 1, "HTTP 410", "gone")]
+
+    # The receiver is fixed (it answers 200 by default now); the operator replays, from another
+    # "process", while the daemon keeps running.
+    capsys.readouterr()
+    assert await run_cli("outbox", "replay", "--config", str(config_file)) == 0
+    assert "2 dead notifications back in the queue" in capsys.readouterr().out
+
+    delivered = await receiver.wait_for(2)
+    await settle(outbox, "hook", State.DELIVERED, 2)
+    first_tries = by_message(receiver.requests[:2])
+    assert set(by_message(delivered)) == set(first_tries)
+    for request in delivered:
+        assert request.body == first_tries[request.headers["webhook-id"]][0].body
+
+
+async def test_relayd_outbox_status_and_list_show_counts_and_the_last_error(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver.script("hook", [ScriptedResponse(400, body="missing field x")])
+    config_file, config = write_config(tmp_path, emulator, receiver)
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me", 3)
+    await settle(outbox, "hook", State.DELIVERED, 2)
+    await settle(outbox, "hook", State.DEAD, 1)
+    capsys.readouterr()
+
+    assert await run_cli("outbox", "status", "--config", str(config_file)) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert status[0].split()[:5] == ["webhook", "pending", "inflight", "delivered", "dead"]
+    assert status[1].split() == ["hook", "0", "0", "2", "1", "-"]
+
+    assert await run_cli("outbox", "list", "--config", str(config_file)) == 0
+    listing = capsys.readouterr().out.splitlines()
+    [dead] = [line for line in listing if " dead " in line]
+    assert " 400 " in dead
+    assert dead.endswith("HTTP 400")
+    assert sum(" delivered " in line for line in listing) == 2
+
+    args = ("outbox", "list", "--json", "--state", "dead", "--config", str(config_file))
+    assert await run_cli(*args) == 0
+    [row] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["webhook"], row["drive"], row["state"], row["attempts"]) == (
+        "hook",
+        "d1",
+        "dead",
+        1,
+    )
+    assert (row["last_status"], row["last_error"], row["last_response"]) == (
+        400,
+        "HTTP 400",
+        "missing field x",
+    )
+
+
+async def test_a_redirect_is_not_followed_but_dead_lettered(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    receiver.script(
+        "hook", [ScriptedResponse(302, headers={"Location": receiver.url("elsewhere")})]
+    )
+    relay = await start_relay()
+    outbox = await relay_ready(relay, emulator)
+
+    await emulator.emit("me")
+    await settle(outbox, "hook", State.DEAD, 1)
+
+    [row] = await outbox.rows()
+    assert (row["last_status"], row["attempts"]) == (302, 1)
+    assert on(receiver, "elsewhere") == []
+    assert len(receiver.requests) == 1
+
+
+# -- signatures ---------------------------------------------------------------------------------
+
+
+async def test_during_a_secret_rotation_either_secret_verifies_every_attempt(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    new, old = new_secret(), new_secret()
+    receiver.script("hook", [ScriptedResponse(503, headers={"Retry-After": "1"})])
+    hook = {
+        "url": receiver.url("hook"),
+        "secret": [new, old],
+        "retry": {"initial_delay": 0.05, "max_delay": 5},
+    }
+    relay = await start_relay(webhooks={"hook": hook})
+    await relay_ready(relay, emulator)
+
+    await emulator.emit("me", 3)
+    await receiver.wait_for(3)
+
+    wall = time.time() - time.monotonic()  # turns a request's arrival into Unix time
+    assert len(receiver.requests) == 4
+    for request in receiver.requests:
+        headers = dict(request.headers)
+        assert Webhook(new).verify(request.body, headers) == json.loads(request.body)
+        assert Webhook(old).verify(request.body, headers) == json.loads(request.body)
+        with pytest.raises(WebhookVerificationError):
+            Webhook(new_secret()).verify(request.body, headers)
+        # Signed when sent, not when received from Graph.
+        assert abs(int(headers["webhook-timestamp"]) - (request.at + wall)) < 1.5
+
+    [failed] = [r for r in receiver.requests if r.status == 503]
+    first, retry = by_message(receiver.requests)[failed.headers["webhook-id"]]
+    assert retry.body == first.body
+    assert int(retry.headers["webhook-timestamp"]) > int(first.headers["webhook-timestamp"])
+    assert retry.headers["webhook-signature"] != first.headers["webhook-signature"]
+
+
+async def test_secrets_can_come_from_a_secret_file(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    new, old = new_secret(), new_secret()
+    secret_file = tmp_path / "hook.secret"
+    secret_file.write_text(f"{new}\n{old}\n")
+    hook = {"url": receiver.url("hook"), "secret_file": str(secret_file), "retry": FAST_RETRY}
+    relay = await start_relay(webhooks={"hook": hook})
+    await relay_ready(relay, emulator)
+
+    await emulator.emit("me")
+    [request] = await receiver.wait_for(1)
+
+    assert Webhook(new).verify(request.body, dict(request.headers))
+    assert Webhook(old).verify(request.body, dict(request.headers))
+
+
+# -- isolation and order ------------------------------------------------------------------------
+
+
+async def test_a_hanging_webhook_does_not_slow_another_fed_by_the_same_drive(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    n, concurrency = 20, 2
+    receiver.set_default("a", ScriptedResponse(200, delay=30))
+    relay = await start_relay(
+        webhooks={
+            "a": {
+                "url": receiver.url("a"),
+                "timeout": 1,
+                "concurrency": concurrency,
+                "retry": FAST_RETRY,
+            },
+            "b": {"url": receiver.url("b"), "retry": FAST_RETRY},
+        },
+        drives=[{"name": "d1", "account": "test", "resource": "me", "webhook": ["a", "b"]}],
+        shutdown_grace=0.1,  # at the end, cut A's hanging attempts short
+    )
+    outbox = await relay_ready(relay, emulator)
+
+    await emulator.emit("me", n)
+    delivered = await receiver.wait_for(n, name="b")
+
+    # All of B's before the first of A's attempts even timed out: A had only its first few.
+    assert len(on(receiver, "a")) <= concurrency
+    assert receiver.delivered("a") == []
+    assert sorted(seqs(delivered)) == list(range(1, n + 1))
+
+    # A's attempts end at its configured timeout, and `outbox list` says so.
+    async def a_timed_out() -> bool:
+        tried = [row for row in await outbox.rows(Filter(webhook="a")) if row["attempts"]]
+        return bool(tried) and all(
+            (row["last_status"], row["last_error"]) == (None, "timeout after 1s") for row in tried
+        )
+
+    await eventually(a_timed_out, timeout=5, what="A's first attempts to time out")
+    assert await count(outbox, "b", State.DELIVERED) == n
+
+
+async def test_an_ordered_webhook_gets_notifications_in_order_despite_a_failure(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    n = 10
+    receiver.script("hook", [ScriptedResponse(503)])
+    hook = {"url": receiver.url("hook"), "ordered": True, "retry": FAST_RETRY}
+    relay = await start_relay(webhooks={"hook": hook})
+    await relay_ready(relay, emulator)
+
+    await emulator.emit("me", n)
+    delivered = await receiver.wait_for(n)
+
+    assert seqs(delivered) == list(range(1, n + 1))
+    assert seqs(receiver.requests) == [1, *range(1, n + 1)]  # the head was retried first
+
+
+async def test_an_ordered_webhook_waiting_to_retry_leaves_the_store_alone(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    """While the head of an ordered queue waits for its retry, the rows behind it are due but
+    not claimable: the dispatcher must sleep until the retry, not spin on the store (a core
+    pinned and a transaction a millisecond, for as long as the backoff lasts)."""
+    receiver.script("hook", [ScriptedResponse(503, headers={"Retry-After": "1"})])
+    retry = {"initial_delay": 0.05, "max_delay": 5}
+    relay = await start_relay(
+        webhooks={"hook": {"url": receiver.url("hook"), "ordered": True, "retry": retry}}
+    )
+    outbox = await relay_ready(relay, emulator)
+
+    await emulator.emit("me", 3)
+
+    async def head_waits() -> bool:
+        return any(row["attempts"] == 1 for row in await outbox.rows(Filter(state=State.PENDING)))
+
+    await eventually(head_waits, what="the first attempt's 503 recorded")
+    commits = outbox.commits
+    await receiver.wait_for(3)
+
+    assert receiver.requests[1].at - receiver.requests[0].at >= 1.0
+    assert outbox.commits - commits < 30  # a few claims and results, not a busy loop

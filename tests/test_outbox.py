@@ -1,0 +1,452 @@
+"""The durable outbox used directly: real SQLite files in the test's folder."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relayd.outbox import (
+    AttemptResult,
+    Delivery,
+    Filter,
+    NewDelivery,
+    Outbox,
+    OutboxError,
+    State,
+)
+
+T0 = 1_800_000_000.0  # "now" for the fake clock: a fixed Unix time
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new(n: int, *, webhook: str = "hook", drive: str = "d1", created: float = T0) -> NewDelivery:
+    return NewDelivery(
+        message_id=f"msg_{webhook}_{drive}_{n}",
+        webhook=webhook,
+        drive=drive,
+        body=b'{"n":%d,"text":"\xc3\xa9"}' % n,
+        created=created,
+    )
+
+
+def on_disk(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """Read the file with a connection of our own, as another process would."""
+    connection = sqlite3.connect(path)
+    try:
+        return connection.execute(sql, params).fetchall()
+    finally:
+        connection.close()
+
+
+def result(row: Delivery, state: State, **fields: object) -> AttemptResult:
+    return AttemptResult(id=row.id, state=state, attempted_at=T0, **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "outbox.sqlite3"
+
+
+@pytest.fixture
+async def outbox(path: Path, clock: Clock) -> AsyncIterator[Outbox]:
+    async with Outbox(path, clock=clock) as store:
+        yield store
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+async def test_added_rows_are_on_disk_when_add_returns(outbox: Outbox, path: Path) -> None:
+    await outbox.add([new(1), new(2, webhook="other")])
+
+    rows = on_disk(
+        path, "SELECT message_id, webhook, drive, body, state, attempts FROM deliveries ORDER BY id"
+    )
+    assert rows == [
+        ("msg_hook_d1_1", "hook", "d1", new(1).body, "pending", 0),
+        ("msg_other_d1_2", "other", "d1", new(2).body, "pending", 0),
+    ]
+
+
+async def test_concurrent_adds_share_commits(outbox: Outbox, path: Path) -> None:
+    await outbox.add([new(0)])
+    before = outbox.commits
+    await outbox.add([new(1)])
+    assert outbox.commits == before + 1  # the counter counts transactions
+
+    before = outbox.commits
+    await asyncio.gather(*(outbox.add([new(n)]) for n in range(2, 1002)))
+
+    assert on_disk(path, "SELECT COUNT(*) FROM deliveries") == [(1002,)]
+    # 1000 callers, each told "on disk", from a handful of fsyncs rather than 1000.
+    assert outbox.commits - before <= 10
+
+
+async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
+    outbox: Outbox, path: Path
+) -> None:
+    broken = NewDelivery(message_id="bad", webhook=None, drive="d1", body=b"{}", created=T0)  # type: ignore[arg-type]
+    before = outbox.commits
+    outcomes = await asyncio.gather(
+        outbox.add([new(1)]), outbox.add([broken]), outbox.add([new(2)]), return_exceptions=True
+    )
+
+    assert outbox.commits == before + 1  # one transaction for the three
+
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    assert outcomes[2] is None
+    assert on_disk(path, "SELECT message_id FROM deliveries ORDER BY id") == [
+        ("msg_hook_d1_1",),
+        ("msg_hook_d1_2",),
+    ]
+
+
+async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: Path) -> None:
+    store = Outbox(path)
+    async with store:
+        pass
+    await store.close()
+    with pytest.raises(OutboxError, match="closed"):
+        await store.add([new(1)])
+
+
+# -- claiming -----------------------------------------------------------------------------------
+
+
+async def test_claim_marks_rows_in_flight_and_never_hands_a_row_out_twice(
+    outbox: Outbox, path: Path
+) -> None:
+    await outbox.add([new(n) for n in range(20)] + [new(99, webhook="other")])
+
+    claims = await asyncio.gather(*(outbox.claim("hook", 3) for _ in range(10)))
+
+    ids = [row.id for claim in claims for row in claim]
+    assert all(len(claim) <= 3 for claim in claims)
+    assert len(ids) == len(set(ids)) == 20  # every row once; none of the other webhook's
+    assert {row.webhook for claim in claims for row in claim} == {"hook"}
+    assert on_disk(path, "SELECT webhook, state, COUNT(*) FROM deliveries GROUP BY 1, 2") == [
+        ("hook", "inflight", 20),
+        ("other", "pending", 1),
+    ]
+    assert await outbox.claim("hook", 5) == []
+
+    [row] = [row for claim in claims for row in claim if row.message_id == "msg_hook_d1_7"]
+    assert row.body == new(7).body  # the stored bytes, exactly
+    assert (row.drive, row.created, row.retry_from, row.attempts) == ("d1", T0, T0, 0)
+
+
+async def test_claim_reads_the_store_in_batches_of_at_most_limit(
+    outbox: Outbox, clock: Clock
+) -> None:
+    await outbox.add([new(n, created=T0 - 10_000 + n) for n in range(10_000)])
+
+    first = await outbox.claim("hook", 50)
+    second = await outbox.claim("hook", 50)
+
+    assert len(first) == len(second) == 50
+    # Oldest first.
+    assert [row.created for row in first + second] == [T0 - 10_000 + n for n in range(100)]
+    assert (await outbox.summary()).backlog("hook") == 10_000
+
+
+async def test_ordered_claim_gives_only_the_oldest_and_nothing_while_it_is_in_flight(
+    outbox: Outbox, clock: Clock
+) -> None:
+    await outbox.add([new(n) for n in range(3)])
+
+    [head] = await outbox.claim("hook", 10, ordered=True)
+    assert head.message_id == "msg_hook_d1_0"
+    assert await outbox.claim("hook", 10, ordered=True) == []
+
+    # A failed head stays at the head: the rows behind it wait even though they are due.
+    await outbox.record([result(head, State.PENDING, next_attempt=T0 + 30, status=503)])
+    assert await outbox.claim("hook", 10, ordered=True) == []
+    clock.now = T0 + 30
+    [again] = await outbox.claim("hook", 10, ordered=True)
+    assert again.id == head.id
+    assert again.attempts == 1
+
+    await outbox.record([result(again, State.DELIVERED, status=200)])
+    [second] = await outbox.claim("hook", 10, ordered=True)
+    assert second.message_id == "msg_hook_d1_1"
+
+
+async def test_next_due_of_an_ordered_queue_is_when_its_head_can_go(
+    outbox: Outbox, clock: Clock
+) -> None:
+    """A dispatcher sleeps until next_due: for an ordered webhook that must be the head's retry
+    time, not that of the rows queued behind it (due long ago, but not claimable)."""
+    await outbox.add([new(n) for n in range(3)])
+    [head] = await outbox.claim("hook", 1, ordered=True)
+
+    assert await outbox.next_due("hook", ordered=True) is None  # wait for the head's outcome
+    assert await outbox.next_due("hook") == T0
+
+    await outbox.record([result(head, State.PENDING, next_attempt=T0 + 30, status=503)])
+    assert await outbox.next_due("hook", ordered=True) == T0 + 30
+    assert await outbox.next_due("hook") == T0
+    assert await outbox.next_due("nobody", ordered=True) is None
+
+
+async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
+    outbox: Outbox, path: Path, clock: Clock
+) -> None:
+    await outbox.add([new(n) for n in range(3)])
+    delivered, dead, retry = await outbox.claim("hook", 3)
+
+    await outbox.record(
+        [
+            result(delivered, State.DELIVERED, status=204, latency=0.01),
+            result(dead, State.DEAD, status=410, error="HTTP 410", response="gone"),
+            result(retry, State.PENDING, next_attempt=T0 + 60, status=503, error="HTTP 503"),
+        ]
+    )
+
+    rows = on_disk(
+        path,
+        "SELECT state, attempts, next_attempt, last_status, last_error, last_response, finished"
+        " FROM deliveries ORDER BY id",
+    )
+    assert rows == [
+        ("delivered", 1, T0, 204, None, None, T0),
+        ("dead", 1, T0, 410, "HTTP 410", "gone", T0),
+        ("pending", 1, T0 + 60, 503, "HTTP 503", None, None),
+    ]
+    assert await outbox.claim("hook", 10) == []  # not due yet
+    assert await outbox.next_due("hook") == T0 + 60
+    clock.now = T0 + 59.9
+    assert await outbox.claim("hook", 10) == []
+    clock.now = T0 + 60
+    [back] = await outbox.claim("hook", 10)
+    assert (back.id, back.attempts) == (retry.id, 1)
+
+
+# -- restarts -----------------------------------------------------------------------------------
+
+
+async def test_rows_left_in_flight_by_a_crashed_run_come_back_on_the_next_start(
+    path: Path, clock: Clock
+) -> None:
+    async with Outbox(path, clock=clock) as first:
+        await first.add([new(n) for n in range(3)])
+        claimed = await first.claim("hook", 2)
+        # The run ends without an outcome for its two attempts (killed mid-POST).
+    assert len(claimed) == 2
+
+    async with Outbox(path, clock=clock) as second:
+        summary = await second.summary()
+        assert summary.counts == {("hook", State.PENDING): 3}
+        assert {row.id for row in await second.claim("hook", 10)} == {1, 2, 3}
+
+
+async def test_a_cli_opening_the_store_beside_the_daemon_leaves_its_rows_in_flight(
+    path: Path, clock: Clock
+) -> None:
+    async with Outbox(path, clock=clock) as daemon:
+        await daemon.add([new(n) for n in range(3)])
+        await daemon.claim("hook", 2)
+
+        async with Outbox(path, recover=False, clock=clock) as cli:
+            assert (await cli.summary()).counts == {
+                ("hook", State.INFLIGHT): 2,
+                ("hook", State.PENDING): 1,
+            }
+        # The daemon's attempts are still its own: nobody else can claim those rows.
+        [row] = await daemon.claim("hook", 10)
+        assert row.id == 3
+
+
+# -- inspection and repair ----------------------------------------------------------------------
+
+
+async def dead_letters(outbox: Outbox, rows: list[NewDelivery]) -> None:
+    await outbox.add(rows)
+    for webhook in {row.webhook for row in rows}:
+        claimed = await outbox.claim(webhook, len(rows))
+        await outbox.record(
+            result(row, State.DEAD, status=400, error="HTTP 400") for row in claimed
+        )
+
+
+async def test_replay_puts_the_selected_dead_rows_back_in_the_queue(
+    outbox: Outbox, clock: Clock
+) -> None:
+    hour = 3600.0
+    await dead_letters(
+        outbox,
+        [
+            new(1, webhook="a", drive="d1", created=T0 - 3 * hour),
+            new(2, webhook="a", drive="d1", created=T0 - 2 * hour),
+            new(3, webhook="a", drive="d2", created=T0 - 2 * hour),
+            new(4, webhook="b", drive="d1", created=T0 - 1 * hour),
+        ],
+    )
+    # Pending, and not due before T0 + 100: replay must leave it alone.
+    await outbox.add([new(5, webhook="a", created=T0 + 100)])
+    clock.now = T0 + 10
+
+    assert await outbox.replay(Filter(webhook="nobody")) == 0
+    window = Filter(webhook="a", drive="d1", since=T0 - 2.5 * hour, until=T0 - 1.5 * hour)
+    assert await outbox.replay(window) == 1
+
+    [replayed] = await outbox.claim("a", 10)
+    assert replayed.message_id == "msg_a_d1_2"
+    # A fresh max_age: it counts from the replay, not from when the notification came in.
+    assert replayed.retry_from == T0 + 10
+
+    assert await outbox.replay(Filter(drive="d1")) == 2  # rows 1 and 4
+    assert await outbox.replay(Filter()) == 1  # row 3; nothing else is dead
+    assert await outbox.replay(Filter()) == 0
+    assert {row.message_id for row in await outbox.claim("a", 10)} == {"msg_a_d1_1", "msg_a_d2_3"}
+    assert {row.message_id for row in await outbox.claim("b", 10)} == {"msg_b_d1_4"}
+    assert (await outbox.summary()).counts == {
+        ("a", State.INFLIGHT): 3,
+        ("a", State.PENDING): 1,
+        ("b", State.INFLIGHT): 1,
+    }
+
+
+async def test_purge_deletes_only_finished_rows(outbox: Outbox) -> None:
+    await dead_letters(outbox, [new(1), new(2, webhook="other")])
+    await outbox.add([new(n) for n in range(3, 6)])
+    delivered, in_flight = await outbox.claim("hook", 2)
+    await outbox.record([result(delivered, State.DELIVERED, status=200)])
+
+    assert await outbox.purge(Filter(webhook="hook")) == 2  # one dead, one delivered
+
+    summary = await outbox.summary()
+    assert summary.counts == {
+        ("hook", State.INFLIGHT): 1,
+        ("hook", State.PENDING): 1,
+        ("other", State.DEAD): 1,
+    }
+    assert await outbox.purge(Filter()) == 1
+    assert in_flight.id in {row["id"] for row in await outbox.rows()}
+
+
+async def test_prune_forgets_delivered_rows_finished_before_the_cutoff(
+    outbox: Outbox, path: Path
+) -> None:
+    await outbox.add([new(n) for n in range(4)])
+    old, recent, dead, waiting = await outbox.claim("hook", 4)
+    await outbox.record(
+        [
+            AttemptResult(id=old.id, state=State.DELIVERED, attempted_at=T0 - 100, status=200),
+            AttemptResult(id=recent.id, state=State.DELIVERED, attempted_at=T0, status=200),
+            AttemptResult(id=dead.id, state=State.DEAD, attempted_at=T0 - 100, status=400),
+        ]
+    )
+
+    assert await outbox.prune(T0 - 50) == 1
+
+    assert on_disk(path, "SELECT id FROM deliveries ORDER BY id") == [
+        (recent.id,),
+        (dead.id,),
+        (waiting.id,),
+    ]
+
+
+async def test_summary_counts_per_webhook_and_state_with_the_oldest_waiting(
+    outbox: Outbox,
+) -> None:
+    await dead_letters(outbox, [new(1, webhook="a", created=T0 - 500)])
+    await outbox.add(
+        [
+            new(2, webhook="a", created=T0 - 300),
+            new(3, webhook="a", created=T0 - 200),
+            new(4, webhook="a", created=T0 - 100),
+            new(5, webhook="b", drive="d2", created=T0 - 50),
+        ]
+    )
+    claimed = await outbox.claim("a", 1)
+    [delivered] = await outbox.claim("a", 1)
+    await outbox.record([result(delivered, State.DELIVERED, status=200)])
+
+    summary = await outbox.summary()
+    assert summary.counts == {
+        ("a", State.DEAD): 1,
+        ("a", State.INFLIGHT): 1,
+        ("a", State.DELIVERED): 1,
+        ("a", State.PENDING): 1,
+        ("b", State.PENDING): 1,
+    }
+    assert claimed[0].created == T0 - 300  # in flight still counts as waiting
+    assert summary.oldest_pending == {"a": T0 - 300, "b": T0 - 50}
+    assert summary.backlog("a") == 2
+    assert summary.backlog("nobody") == 0
+
+    only_d2 = await outbox.summary(Filter(drive="d2"))
+    assert only_d2.counts == {("b", State.PENDING): 1}
+    rows = await outbox.rows(Filter(webhook="a", state=State.DEAD))
+    assert [(row["message_id"], row["last_status"], row["last_error"]) for row in rows] == [
+        ("msg_a_d1_1", 400, "HTTP 400")
+    ]
+
+
+# -- unusable stores ----------------------------------------------------------------------------
+
+
+def outbox_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("relayd-outbox")]
+
+
+async def test_a_corrupt_file_is_refused_at_open_naming_it(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"this is not an outbox\x00\xff" * 500)
+    threads = len(outbox_threads())
+
+    with pytest.raises(OutboxError, match="not a usable SQLite outbox") as raised:
+        async with Outbox(path):
+            pass
+
+    assert str(path) in str(raised.value)
+    assert len(outbox_threads()) == threads  # the failed open left no worker thread behind
+
+
+async def test_an_unwritable_location_is_refused_at_open(tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("a regular file where the state folder should be")
+    path = tmp_path / "state" / "outbox.sqlite3"
+
+    with pytest.raises(OutboxError, match="cannot open the outbox") as raised:
+        async with Outbox(path):
+            pass
+
+    assert str(path) in str(raised.value)
+
+
+async def test_a_store_from_a_newer_relayd_is_refused_and_left_untouched(path: Path) -> None:
+    path.parent.mkdir(parents=True)
+    connection = sqlite3.connect(path)
+    connection.execute("CREATE TABLE future (x)")
+    connection.execute("PRAGMA user_version = 99")
+    connection.commit()
+    connection.close()
+    before = path.read_bytes()
+
+    with pytest.raises(OutboxError, match="newer relayd") as raised:
+        async with Outbox(path):
+            pass
+
+    assert str(path) in str(raised.value)
+    assert "99" in str(raised.value)
+    assert path.read_bytes() == before  # not even switched to WAL
