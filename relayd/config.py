@@ -653,11 +653,40 @@ class WebhookConfig(_Model):
         return value
 
 
+class ChangesConfig(_Model):
+    """How a drive in `mode: changes` turns notifications into delta rounds."""
+
+    # true: the first start posts every item in the drive; false: it starts from "now".
+    initial_sync: bool = False
+    # driveItem fields to ask for ($select); empty: all of them.
+    select: tuple[str, ...] = ()
+    # items per POSTed body; a bigger page is split.
+    max_items: Annotated[int, Field(ge=1, le=10_000)] = 200
+    # a burst of notifications waits for this much quiet before one delta round ...
+    quiet_period: _DurationOrZero = 2.0
+    # ... but never longer than this after the first one, so a steady stream still flows.
+    max_delay: _Duration = 30.0
+    # a delta right after a notification can come back empty: look again this much later
+    # (0 turns the follow-up round off).
+    follow_up: _DurationOrZero = 10.0
+
+    @field_validator("select", mode="before")
+    @classmethod
+    def _one_or_many_fields(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return _as_tuple(value)
+
+
 class DriveConfig(_Model):
     name: _Name
     account: str
     resource: str
     webhook: tuple[str, ...]
+    # notifications: post each socketIo notification as it is (the default);
+    # changes: follow notifications with delta queries and post the changed items.
+    mode: Literal["notifications", "changes"] = "notifications"
+    changes: ChangesConfig = ChangesConfig()
 
     @property
     def drive_path(self) -> str:

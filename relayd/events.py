@@ -16,6 +16,8 @@ from typing import Any
 from relayd.outbox import NewDelivery
 
 NOTIFICATION = "drive.notification"
+CHANGES = "drive.changes"
+RESYNC = "drive.resync"
 
 
 def message_id() -> str:
@@ -33,6 +35,18 @@ def encode(event_type: str, timestamp: float, data: Mapping[str, Any]) -> bytes:
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def _fan_out(
+    drive: str, webhooks: Sequence[str], event_type: str, data: Mapping[str, Any], at: float
+) -> list[NewDelivery]:
+    """One event, one body, one `webhook-id`, a delivery per webhook."""
+    body = encode(event_type, at, data)
+    msg = message_id()
+    return [
+        NewDelivery(message_id=msg, webhook=webhook, drive=drive, body=body, created=at)
+        for webhook in webhooks
+    ]
+
+
 def notification_deliveries(
     drive: str,
     resource: str,
@@ -40,14 +54,46 @@ def notification_deliveries(
     items: Sequence[Mapping[str, Any]],
     received: float,
 ) -> list[NewDelivery]:
-    """One delivery per (notification item, webhook); an item keeps one id across webhooks."""
-    deliveries: list[NewDelivery] = []
-    for item in items:
-        data = {"drive": drive, "resource": resource, "notification": item}
-        body = encode(NOTIFICATION, received, data)
-        msg = message_id()
-        deliveries.extend(
-            NewDelivery(message_id=msg, webhook=webhook, drive=drive, body=body, created=received)
-            for webhook in webhooks
+    """`drive.notification`: one event per notification item."""
+    return [
+        delivery
+        for item in items
+        for delivery in _fan_out(
+            drive,
+            webhooks,
+            NOTIFICATION,
+            {"drive": drive, "resource": resource, "notification": item},
+            received,
         )
-    return deliveries
+    ]
+
+
+def changes_deliveries(
+    drive: str,
+    resource: str,
+    webhooks: Sequence[str],
+    items: Sequence[Mapping[str, Any]],
+    received: float,
+    *,
+    max_items: int,
+) -> list[NewDelivery]:
+    """`drive.changes`: bodies of at most `max_items` driveItems each."""
+    return [
+        delivery
+        for start in range(0, len(items), max_items)
+        for delivery in _fan_out(
+            drive,
+            webhooks,
+            CHANGES,
+            {"drive": drive, "resource": resource, "items": list(items[start : start + max_items])},
+            received,
+        )
+    ]
+
+
+def resync_deliveries(
+    drive: str, resource: str, webhooks: Sequence[str], reason: str, now: float
+) -> list[NewDelivery]:
+    """`drive.resync`: changes may have been missed; the receiver should look for itself."""
+    data = {"drive": drive, "resource": resource, "reason": reason}
+    return _fan_out(drive, webhooks, RESYNC, data, now)

@@ -64,13 +64,20 @@ class GraphError(Exception):
     """Graph answered a request with an error status."""
 
     def __init__(
-        self, status: int, code: str, message: str, *, retry_after: float | None = None
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        location: str | None = None,
     ) -> None:
         super().__init__(f"Graph answered {status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
         self.retry_after = retry_after
+        self.location = location  # where a 410 on a delta query says to start again
 
     @property
     def not_supported(self) -> bool:
@@ -180,7 +187,11 @@ def parse_graph_error(status: int, body: bytes, headers: Mapping[str, str]) -> G
         code = str(error.get("code") or code)
         message = str(error.get("message") or "")
     return GraphError(
-        status, code, message, retry_after=parse_retry_after(headers.get("Retry-After"))
+        status,
+        code,
+        message,
+        retry_after=parse_retry_after(headers.get("Retry-After")),
+        location=headers.get("Location"),
     )
 
 
@@ -219,23 +230,35 @@ TokenSource = Callable[[str | None], Awaitable[str]]
 
 
 class GraphClient:
-    """Asks Graph for socketIo endpoints. One per process; safe to share between drives."""
+    """Authenticated GETs to Graph. One per process; safe to share between drives."""
 
     def __init__(self, session: aiohttp.ClientSession, base_url: str, *, timeout: float = 30.0):
         self._session = session
-        self._base_url = base_url.rstrip("/")
+        self.base_url = base_url.rstrip("/")
+        self._origin = _origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    def endpoint_url(self, resource: str) -> str:
-        return f"{self._base_url}/{resource_path(resource)}/root/subscriptions/socketIo"
+    def drive_url(self, resource: str, tail: str) -> str:
+        return f"{self.base_url}/{resource_path(resource)}/root/{tail}"
 
     async def socketio_endpoint(self, resource: str, token: TokenSource) -> Subscription:
-        """GET the drive's socketIo endpoint. A 401 gets one retry with a fresh token."""
+        """GET the drive's socketIo endpoint."""
+        body = await self.get_json(self.drive_url(resource, "subscriptions/socketIo"), token)
+        return parse_subscription(body)
+
+    async def get_json(self, url: str, token: TokenSource) -> object:
+        """GET a Graph URL and decode its JSON. A 401 gets one retry with a fresh token.
+
+        Only URLs on Graph's own origin are fetched: the bearer token goes with the request, and a
+        paging link that pointed elsewhere would hand it to someone else.
+        """
+        if _origin(url) != self._origin:
+            raise InvalidGraphResponse(f"refusing to send a token to {_origin(url)}")
         refused: str | None = None
         while True:
             bearer = await token(refused)
             async with self._session.get(
-                self.endpoint_url(resource),
+                url,
                 headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
                 timeout=self._timeout,
                 allow_redirects=False,
@@ -243,11 +266,18 @@ class GraphClient:
                 body = await response.read()
                 if response.status == 200:
                     try:
-                        return parse_subscription(json.loads(body))
-                    except ValueError as exc:
-                        raise InvalidGraphResponse(str(exc)) from None
+                        return json.loads(body)
+                    except ValueError:
+                        raise InvalidGraphResponse(
+                            f"{response.status} answer is not JSON"
+                        ) from None
                 error = parse_graph_error(response.status, body, response.headers)
             if error.unauthorized and refused is None:
                 refused = bearer
                 continue
             raise error
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}".lower()

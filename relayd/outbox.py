@@ -48,6 +48,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (webhook, state, next_attempt, id);
 CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (state, finished);
+CREATE TABLE IF NOT EXISTS drives (
+    name          TEXT    PRIMARY KEY,
+    resource      TEXT    NOT NULL,
+    cursor        TEXT,               -- the delta link to continue from (changes mode)
+    updated       REAL    NOT NULL
+);
 """
 
 
@@ -139,6 +145,19 @@ class Summary:
         return self.counts.get((webhook, State.PENDING), 0) + self.counts.get(
             (webhook, State.INFLIGHT), 0
         )
+
+
+_INSERT = (
+    "INSERT INTO deliveries (message_id, webhook, drive, body, created, retry_from, state,"
+    " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _insert_rows(deliveries: Sequence[NewDelivery]) -> list[tuple[Any, ...]]:
+    return [
+        (d.message_id, d.webhook, d.drive, d.body, d.created, d.created, State.PENDING, d.created)
+        for d in deliveries
+    ]
 
 
 _ROW_COLUMNS = "id, message_id, webhook, drive, body, created, retry_from, attempts"
@@ -311,9 +330,7 @@ class Outbox:
             else:
                 future.set_exception(value)
 
-    def _run_batch(
-        self, operations: Sequence[Operation], durable: bool
-    ) -> list[tuple[bool, Any]]:
+    def _run_batch(self, operations: Sequence[Operation], durable: bool) -> list[tuple[bool, Any]]:
         connection = self._connection
         if connection is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
@@ -347,28 +364,16 @@ class Outbox:
         """Returns once the rows are committed to disk."""
         if not deliveries:
             return
-        rows = [
-            (
-                d.message_id,
-                d.webhook,
-                d.drive,
-                d.body,
-                d.created,
-                d.created,
-                State.PENDING,
-                d.created,
-            )
-            for d in deliveries
-        ]
+        rows = _insert_rows(deliveries)
 
         def insert(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "INSERT INTO deliveries (message_id, webhook, drive, body, created, retry_from,"
-                " state, next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            connection.executemany(_INSERT, rows)
 
         await self._submit(insert, durable=True)
+        self._announce(deliveries)
+
+    def _announce(self, deliveries: Sequence[NewDelivery]) -> None:
+        """Tell the dispatchers of the webhooks that just got rows."""
         if self._on_insert is not None:
             for webhook in {d.webhook for d in deliveries}:
                 self._on_insert(webhook)
@@ -505,6 +510,45 @@ class Outbox:
             return counts, oldest
 
         return await self._submit(query)
+
+    async def drive_state(self, name: str) -> tuple[str, str | None] | None:
+        """(resource, delta cursor) remembered for a drive, or None for a drive never seen."""
+
+        def query(connection: sqlite3.Connection) -> tuple[str, str | None] | None:
+            row = connection.execute(
+                "SELECT resource, cursor FROM drives WHERE name = ?", (name,)
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return await self._submit(query)
+
+    async def save_drive_state(
+        self,
+        name: str,
+        resource: str,
+        cursor: str | None,
+        deliveries: Sequence[NewDelivery] = (),
+    ) -> None:
+        """Remember a drive's cursor, together with the deliveries it produced, atomically.
+
+        A delta page and the cursor that follows it are committed in one transaction: after a
+        crash either both are on disk, or neither is and the page is fetched again.
+        """
+        rows = _insert_rows(deliveries)
+        now = self._clock()
+
+        def upsert(connection: sqlite3.Connection) -> None:
+            if rows:
+                connection.executemany(_INSERT, rows)
+            connection.execute(
+                "INSERT INTO drives (name, resource, cursor, updated) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET resource = excluded.resource,"
+                " cursor = excluded.cursor, updated = excluded.updated",
+                (name, resource, cursor, now),
+            )
+
+        await self._submit(upsert, durable=True)
+        self._announce(deliveries)
 
     # -- inspection and repair (the `relayd outbox` commands; safe beside a running daemon) -----
 

@@ -315,7 +315,7 @@ class Supervisor:
             drive,
             graph=self._graph,
             tokens=self.tokens[drive.account],
-            sink=self.outbox.add,
+            outbox=self.outbox,
             socket_session=self._session,
         )
         self.watchers[drive.name] = watcher

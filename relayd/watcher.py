@@ -18,11 +18,11 @@ import json
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import engineio
@@ -32,7 +32,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from relayd.auth import AuthError, TokenProvider
 from relayd.config import DriveConfig
-from relayd.events import notification_deliveries
+from relayd.delta import ChangeFeed
+from relayd.events import notification_deliveries, resync_deliveries
 from relayd.graph import (
     GraphClient,
     GraphError,
@@ -41,7 +42,7 @@ from relayd.graph import (
     Subscription,
     parse_notification_event,
 )
-from relayd.outbox import NewDelivery, OutboxError
+from relayd.outbox import NewDelivery, Outbox, OutboxError
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
 RENEW_MARGIN = 120.0
@@ -62,7 +63,7 @@ QUEUE_ITEMS = 1000  # notifications held in memory per drive before the socket w
 DEDUPE_WINDOW = 10.0  # during a switch-over, the same notification from the other socket is a copy
 OUTBOX_RETRY = 1.0
 
-Sink = Callable[[Sequence[NewDelivery]], Awaitable[None]]
+T = TypeVar("T")
 
 
 class DriveState(StrEnum):
@@ -154,14 +155,16 @@ class ConnectionLost(Exception):
 
 
 class _InlineEngineIOClient(engineio.AsyncClient):  # type: ignore[misc]
-    """Runs message handlers in the read loop instead of a task per message.
+    """Runs event handlers in the read loop instead of a task per message.
 
     python-engineio starts a task for every message: unbounded, and unordered as soon as a handler
-    awaits. Inline, messages are handled in arrival order and a full drive queue stops the reads.
+    awaits. Inline, events are handled in arrival order and a full drive queue stops the reads.
     """
 
     async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
-        if event == "message":
+        # Only Socket.IO EVENT packets ("2..."): a DISCONNECT ("1...") handler awaits the read
+        # loop itself, which it cannot do from inside it.
+        if event == "message" and args and isinstance(args[0], str) and args[0][:1] == "2":
             kwargs["run_async"] = False
         return await super()._trigger_event(event, *args, **kwargs)
 
@@ -180,16 +183,22 @@ class DriveWatcher:
         *,
         graph: GraphClient,
         tokens: TokenProvider,
-        sink: Sink,
+        outbox: Outbox,
         socket_session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.drive = drive
         self.status = DriveStatus()
         self._graph = graph
         self._tokens = tokens
-        self._sink = sink
+        self._outbox = outbox
         self._socket_session = socket_session
-        self._queue: asyncio.Queue[tuple[list[dict[str, Any]], float]] = asyncio.Queue(QUEUE_ITEMS)
+        # In changes mode notifications only trigger delta rounds; the feed posts the items.
+        self.feed = (
+            ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox)
+            if drive.mode == "changes"
+            else None
+        )
+        self._queue: asyncio.Queue[list[NewDelivery]] = asyncio.Queue(QUEUE_ITEMS)
         self._stopping = asyncio.Event()
         self._generation = 0
         self._recent: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -202,26 +211,62 @@ class DriveWatcher:
         self._stopping.set()
 
     async def run(self) -> None:
-        pump = asyncio.create_task(self._pump(), name=f"relayd-pump-{self.drive.name}")
+        name = self.drive.name
+        helpers = [asyncio.create_task(self._pump(), name=f"relayd-pump-{name}")]
+        if self.feed is not None:
+            helpers.append(asyncio.create_task(self.feed.run(), name=f"relayd-delta-{name}"))
         try:
+            if await self._retrying(self._prepare) is None:
+                return  # stopped before it could start
             await self._watch()
             # Closed sockets bring nothing new: write out what is queued, then stop.
             await self._queue.join()
         finally:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            for task in helpers:
+                task.cancel()
+            await asyncio.gather(*helpers, return_exceptions=True)
             self.status.enter(DriveState.STOPPED)
+
+    async def _prepare(self) -> bool:
+        """Before the first connect: the delta cursor (changes mode), or a resync notice if the
+        drive ran before (notifications mode: whatever happened while relayd was stopped is
+        gone)."""
+        if self.feed is not None:
+            await self.feed.ensure_cursor()
+            return True
+        stored = await self._outbox.drive_state(self.drive.name)
+        if stored is not None and stored[0] == self.drive.resource:
+            self._queue_resync("restart")
+        else:
+            await self._outbox.save_drive_state(self.drive.name, self.drive.resource, None)
+        return True
+
+    def _connected(self, how: str) -> None:
+        """A socket is up after `how` ("start", "reconnect" or "renewal")."""
+        if self.feed is not None:
+            self.feed.catch_up(how)  # changes made while nobody listened
+        elif how == "reconnect":
+            self._queue_resync(how)
+
+    def _queue_resync(self, reason: str) -> None:
+        drive = self.drive
+        notice = resync_deliveries(drive.name, drive.resource, drive.webhook, reason, time.time())
+        # From the socket's own task order; the queue has room (resyncs are rare and tiny).
+        self._queue.put_nowait(notice)
 
     # -- connection management ------------------------------------------------------------------
 
     async def _watch(self) -> None:
         current: _Connection | None = None
         try:
+            how = "start"
             while not self._stopping.is_set():
                 if current is None:
-                    current = await self._connect_with_backoff()
+                    current = await self._retrying(self._open)
                     if current is None:
                         return  # stopped while trying
+                    self.status.enter(DriveState.CONNECTED)
+                    self._connected(how)
                 renew_in = renewal_delay(current.subscription.expires_at, datetime.now(UTC))
                 outcome = await self._until_lost_or(current, renew_in)
                 if outcome == "stop":
@@ -234,7 +279,7 @@ class DriveWatcher:
                     if current.age < HEALTHY_CONNECTION:
                         # It died young: pause before hammering Graph again.
                         await self._pause(backoff_delay(max(1, self.status.reconnects)))
-                    current = None
+                    current, how = None, "reconnect"
                     continue
                 current = await self._renew(current)
         finally:
@@ -261,8 +306,9 @@ class DriveWatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), seconds)
 
-    async def _connect_with_backoff(self) -> _Connection | None:
-        """Fetch an endpoint and connect, retrying for as long as the drive is configured."""
+    async def _retrying(self, action: Callable[[], Awaitable[T]]) -> T | None:
+        """Run `action` until it succeeds, with backoff, for as long as the drive is configured;
+        None if the drive was stopped first."""
         retrying = AsyncRetrying(
             wait=connect_wait,
             retry=retry_if_exception_type(
@@ -285,9 +331,7 @@ class DriveWatcher:
             with attempt:
                 if self._stopping.is_set():
                     return None
-                connection = await self._open()
-                self.status.enter(DriveState.CONNECTED)
-                return connection
+                return await action()
         return None  # pragma: no cover - tenacity either returns or raises above
 
     def _before_retry(self, state: RetryCallState) -> None:
@@ -344,6 +388,7 @@ class DriveWatcher:
         self.status.renewals += 1
         await current.close()
         self.log.info("endpoint renewed")
+        self._connected("renewal")
         return fresh
 
     # -- notifications ----------------------------------------------------------------------------
@@ -362,7 +407,13 @@ class DriveWatcher:
             return
         self.status.received += len(fresh)
         self.status.last_notification = received
-        await self._queue.put((fresh, received))
+        if self.feed is not None:
+            self.feed.notified()
+            return
+        drive = self.drive
+        await self._queue.put(
+            notification_deliveries(drive.name, drive.resource, drive.webhook, fresh, received)
+        )
 
     def _is_copy(self, item: Mapping[str, Any], generation: int, now: float) -> bool:
         """True for a notification the other socket already brought during a switch-over.
@@ -392,14 +443,10 @@ class DriveWatcher:
             batch = [await self._queue.get()]
             while not self._queue.empty():
                 batch.append(self._queue.get_nowait())
-            deliveries: list[NewDelivery] = []
-            for items, received in batch:
-                deliveries += notification_deliveries(
-                    self.drive.name, self.drive.resource, self.drive.webhook, items, received
-                )
+            deliveries = [delivery for entry in batch for delivery in entry]
             while True:
                 try:
-                    await self._sink(deliveries)
+                    await self._outbox.add(deliveries)
                     break
                 except OutboxError as exc:
                     # Nothing is dropped: the batch stays here, the queue fills, the socket waits.

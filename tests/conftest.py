@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 import yaml
 
+sys.path.insert(0, str(Path(__file__).parent))  # tests/support, for every test folder
+
+from support.waiting import wait_until
+
 from relayd import logs
 from relayd.config import Config, parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.supervisor import Supervisor
 from relayd.watcher import DriveWatcher
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 TOKEN = "test-token"
 
@@ -127,6 +129,26 @@ async def start_relay(
             await relay.stop()
 
 
+def of_type(requests: list[Any], event_type: str = "drive.notification") -> list[Any]:
+    """The requests whose body is an event of the given type."""
+    return [r for r in requests if json.loads(r.body)["type"] == event_type]
+
+
 def seqs(requests: list[Any]) -> list[int]:
-    """The emulator's sequence numbers of delivered notifications, in arrival order."""
-    return [json.loads(r.body)["data"]["notification"]["relaydEmulatorSeq"] for r in requests]
+    """The emulator's sequence numbers of delivered notifications, in arrival order; other
+    events (drive.resync after a reconnect) are left out."""
+    return [
+        json.loads(r.body)["data"]["notification"]["relaydEmulatorSeq"] for r in of_type(requests)
+    ]
+
+
+async def wait_notifications(
+    receiver: WebhookReceiver, count: int, *, name: str = "hook", timeout: float = 10.0
+) -> list[Any]:
+    """Wait until `count` drive.notification events were delivered to `name`; return them."""
+    await wait_until(
+        lambda: len(of_type(receiver.delivered(name))) >= count,
+        timeout=timeout,
+        what=f"{count} notifications delivered to {name}",
+    )
+    return of_type(receiver.delivered(name))

@@ -60,14 +60,14 @@ async def test_metrics_name_every_series(
     await emulator.emit("me", 3)
     await emulator.emit("me", raw="garbage")
     await emulator.kick("me")
-    await receiver.wait_for(3)
     await wait_until(lambda: emulator.connected("me") == 1, what="reconnected")
+    await receiver.wait_for(4)  # three notifications and the resync after the reconnect
     status, text = await get(relay.supervisor.admin.port, "/metrics")
     assert status == 200
     for line in [
         'relayd_notifications_received_total{drive="d1"} 3.0',
         'relayd_notifications_malformed_total{drive="d1"} 1.0',
-        'relayd_deliveries_total{outcome="delivered",webhook="hook"} 3.0',
+        'relayd_deliveries_total{outcome="delivered",webhook="hook"} 4.0',  # + drive.resync
         'relayd_deliveries_total{outcome="retry",webhook="hook"} 1.0',
         'relayd_reconnects_total{drive="d1"} 1.0',
         'relayd_endpoint_renewals_total{drive="d1"} 0.0',
@@ -78,7 +78,7 @@ async def test_metrics_name_every_series(
         'relayd_token_refreshes_total{account="test"}',
         "relayd_config_last_reload_successful 1.0",
         "relayd_config_last_reload_timestamp_seconds",
-        'relayd_delivery_latency_seconds_count{webhook="hook"} 4.0',
+        'relayd_delivery_latency_seconds_count{webhook="hook"} 5.0',
     ]:
         assert line in text, line
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TOKEN, seqs
+from conftest import TOKEN, of_type, seqs, wait_notifications
 from support.waiting import wait_until
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
@@ -114,11 +114,14 @@ async def test_kill_9_with_undelivered_notifications_then_restart_delivers_them_
 
     receiver.set_default("hook", ScriptedResponse(status=200))  # the webhook is back
     await relay_process.start()
-    delivered = await receiver.wait_for(25, timeout=20)
+    delivered = await wait_notifications(receiver, 25, timeout=20)
     assert sorted(seqs(delivered)) == list(range(1, 26))
     await wait_until(
-        lambda: outbox_states(tmp_path / "state") == {"delivered": 25}, what="all marked delivered"
+        lambda: outbox_states(tmp_path / "state") == {"delivered": 26}, what="all marked delivered"
     )
+    # Notifications sent while relayd was down are gone: receivers are told to look.
+    [resync] = of_type(receiver.delivered("hook"), "drive.resync")
+    assert resync.json()["data"] == {"drive": "d1", "resource": "me", "reason": "restart"}
 
 
 async def test_sigterm_stops_within_seconds_exits_0_and_loses_nothing(
@@ -144,7 +147,7 @@ async def test_sigterm_stops_within_seconds_exits_0_and_loses_nothing(
 
     receiver.set_default("hook", ScriptedResponse(status=200))
     await relay_process.start()
-    assert sorted(seqs(await receiver.wait_for(10, timeout=20))) == list(range(1, 11))
+    assert sorted(seqs(await wait_notifications(receiver, 10, timeout=20))) == list(range(1, 11))
     relay_process.signal(signal.SIGINT)
     assert await relay_process.wait() == 0
 
@@ -160,7 +163,7 @@ async def test_no_secret_reaches_the_log(
     await emulator.kick("me")  # a reconnect logs the most: errors, endpoints, retries
     await wait_until(lambda: emulator.connects["me"] == 2, what="reconnected")
     await emulator.emit("me")
-    await receiver.wait_for(1)
+    await wait_notifications(receiver, 1)
     relay_process.signal(signal.SIGTERM)
     assert await relay_process.wait() == 0
     log = relay_process.log.read_text()

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from conftest import TOKEN, StartRelay, seqs
+from conftest import TOKEN, StartRelay, seqs, wait_notifications
 from support.waiting import wait_until
 
 from relayd.config import load_config
@@ -66,8 +66,9 @@ async def test_reload_touches_only_added_removed_and_changed_drives(
 
     await emulator.emit("groups/g")
     await emulator.emit("me")
-    assert seqs(await receiver.wait_for(1, name="b")) == [1]  # the changed drive's new webhook
-    assert seqs(await receiver.wait_for(1, name="a")) == [1]
+    # The changed drive now posts to its new webhook.
+    assert seqs(await wait_notifications(receiver, 1, name="b")) == [1]
+    assert seqs(await wait_notifications(receiver, 1, name="a")) == [1]
 
 
 async def test_an_invalid_file_on_reload_keeps_the_daemon_relaying(
@@ -85,7 +86,7 @@ async def test_an_invalid_file_on_reload_keeps_the_daemon_relaying(
     assert "drives[0].resourse: unknown key" in relay.supervisor.last_reload_error
     assert relay.watcher("d1").status.state is DriveState.CONNECTED
     await emulator.emit("me")
-    assert seqs(await receiver.wait_for(1, name="a")) == [1]
+    assert seqs(await wait_notifications(receiver, 1, name="a")) == [1]
     assert emulator.connects["me"] == 1
 
 
@@ -106,5 +107,5 @@ async def test_changing_a_webhook_keeps_its_pending_notifications(
     config["webhooks"]["a"]["url"] = receiver.url("moved")
     path.write_text(yaml.safe_dump(config))
     assert await relay.supervisor.reload()
-    assert sorted(seqs(await receiver.wait_for(5, name="moved"))) == [1, 2, 3, 4, 5]
+    assert sorted(seqs(await wait_notifications(receiver, 5, name="moved"))) == [1, 2, 3, 4, 5]
     assert emulator.connects["me"] == 1  # the drive itself was not touched

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from conftest import TOKEN, StartRelay, relay_config, seqs
+from conftest import TOKEN, StartRelay, relay_config, seqs, wait_notifications
 from support.proxy import FreezableProxy
 from support.waiting import wait_until
 
@@ -40,7 +40,7 @@ async def test_every_resource_form_is_watched(
     await start_relay(drives=[drive("d1", resource)])
     await wait_until(lambda: emulator.connected(resource) == 1, what="connected")
     await emulator.emit(resource, 3)
-    delivered = await receiver.wait_for(3)
+    delivered = await wait_notifications(receiver, 3)
     assert seqs(delivered) == [1, 2, 3]
     assert {r.json()["data"]["resource"] for r in delivered} == {resource}
 
@@ -60,7 +60,7 @@ async def test_older_callback_url_form_is_followed(
     await start_relay(relay_config(tmp_path, callback_emulator, receiver))
     await wait_until(lambda: callback_emulator.connected("me") == 1, what="connected")
     await callback_emulator.emit("me", 2)
-    assert seqs(await receiver.wait_for(2)) == [1, 2]
+    assert seqs(await wait_notifications(receiver, 2)) == [1, 2]
 
 
 async def test_kicked_connection_comes_back_with_a_fresh_endpoint(
@@ -69,14 +69,14 @@ async def test_kicked_connection_comes_back_with_a_fresh_endpoint(
     relay = await start_relay()
     await wait_until(lambda: emulator.connected("me") == 1, what="connected")
     await emulator.emit("me")
-    await receiver.wait_for(1)
+    await wait_notifications(receiver, 1)
     await emulator.kick("me")
     await wait_until(
         lambda: emulator.connects["me"] == 2 and emulator.connected("me") == 1, what="reconnected"
     )
     assert emulator.endpoint_requests["me"] == 2  # a fresh endpoint, not the old URL again
     await emulator.emit("me")
-    assert seqs(await receiver.wait_for(2)) == [1, 2]
+    assert seqs(await wait_notifications(receiver, 2)) == [1, 2]
     assert relay.watcher().status.reconnects == 1
     assert relay.watcher().status.state is DriveState.CONNECTED
 
@@ -112,7 +112,7 @@ async def test_expired_and_closed_connection_is_replaced(
     await wait_until(lambda: emulator.connects["me"] == 2, what="reconnected after expiry")
     await wait_until(lambda: emulator.connected("me", include_expired=False) == 1, what="live")
     await emulator.emit("me")
-    assert seqs(await receiver.wait_for(1)) == [1]
+    assert seqs(await wait_notifications(receiver, 1)) == [1]
 
 
 async def test_silence_past_ping_timeout_means_reconnect(
@@ -139,7 +139,7 @@ async def test_silence_past_ping_timeout_means_reconnect(
             )
             await wait_until(lambda: graph.connects["me"] >= 2, what="second connect")
             await graph.emit("me")
-            assert seqs(await receiver.wait_for(1)) == [1]
+            assert seqs(await wait_notifications(receiver, 1)) == [1]
 
 
 async def test_401_refreshes_the_token_once_and_carries_on(
@@ -173,7 +173,9 @@ async def test_throttling_honours_retry_after(
     await wait_until(lambda: emulator.connected("me") == 1, what="connected")
     assert time.monotonic() - started >= 2
     assert emulator.endpoint_requests["me"] == 2
-    assert relay.watcher().status.state is DriveState.CONNECTED
+    await wait_until(
+        lambda: relay.watcher().status.state is DriveState.CONNECTED, what="state connected"
+    )
 
 
 async def test_service_unavailable_is_retried(
@@ -196,7 +198,7 @@ async def test_not_supported_drive_is_reported_and_others_carry_on(
     assert "notSupported" in (relay.watcher("bad").status.last_error or "")
     await wait_until(lambda: emulator.connected("me") == 1, what="good drive connected")
     await emulator.emit("me")
-    assert seqs(await receiver.wait_for(1)) == [1]
+    assert seqs(await wait_notifications(receiver, 1)) == [1]
     assert emulator.endpoint_requests["drives/unsupported"] == 1  # asked again only much later
 
 
@@ -215,7 +217,7 @@ async def test_malformed_events_are_counted_and_the_next_good_one_flows(
     ]:
         await emulator.emit("me", raw=raw)
     await emulator.emit("me")
-    assert seqs(await receiver.wait_for(1)) == [1]
+    assert seqs(await wait_notifications(receiver, 1)) == [1]
     status = relay.watcher().status
     assert status.malformed == 6
     assert status.received == 1
@@ -235,7 +237,7 @@ async def test_order_is_kept_per_drive(
     await start_relay(webhooks=webhooks)
     await wait_until(lambda: emulator.connected("me") == 1, what="connected")
     await emulator.emit("me", 100)
-    assert seqs(await receiver.wait_for(100)) == list(range(1, 101))
+    assert seqs(await wait_notifications(receiver, 100)) == list(range(1, 101))
 
 
 async def test_a_burst_of_200_is_delivered_in_full(
@@ -244,7 +246,7 @@ async def test_a_burst_of_200_is_delivered_in_full(
     await start_relay()
     await wait_until(lambda: emulator.connected("me") == 1, what="connected")
     await emulator.emit("me", 200)
-    delivered = await receiver.wait_for(200, timeout=20)
+    delivered = await wait_notifications(receiver, 200, timeout=20)
     assert sorted(seqs(delivered)) == list(range(1, 201))
     assert len({r.headers["webhook-id"] for r in delivered}) == 200
 
@@ -260,7 +262,7 @@ async def test_a_drive_with_several_webhooks_posts_to_each(
     await start_relay(webhooks=webhooks, drives=[drive("d1", "me", ["a", "b"])])
     await wait_until(lambda: emulator.connected("me") == 1, what="connected")
     await emulator.emit("me", 5)
-    a = await receiver.wait_for(5, name="a")
-    b = await receiver.wait_for(5, name="b")
+    a = await wait_notifications(receiver, 5, name="a")
+    b = await wait_notifications(receiver, 5, name="b")
     # One notification, one webhook-id, whichever webhook it goes to.
     assert {r.headers["webhook-id"] for r in a} == {r.headers["webhook-id"] for r in b}

@@ -38,6 +38,8 @@ import socketio
 from aiohttp import web
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
+from relayd.emulator.delta import ChangeLog, InjectedDeltaError, answer_delta
+
 __all__ = ["GraphEmulator", "main"]
 
 UrlForm = Literal["notifications", "callback"]
@@ -128,6 +130,7 @@ class _Drive:
     seq: int = 0
     errors: collections.deque[_InjectedError] = field(default_factory=collections.deque)
     subscriptions: list[_Subscription] = field(default_factory=list)
+    changes: ChangeLog = field(default_factory=ChangeLog)
 
 
 @dataclass
@@ -219,6 +222,8 @@ class GraphEmulator:
         self.endpoint_requests: collections.Counter[str] = collections.Counter()
         self.connects: collections.Counter[str] = collections.Counter()
         self.emitted: dict[str, int] = {}
+        self.delta_requests: collections.Counter[str] = collections.Counter()
+        self.delta_page_size = 200
 
         self._tenant_id = str(uuid.uuid4())
         self._drives: dict[str, _Drive] = {}
@@ -361,6 +366,44 @@ class GraphEmulator:
         drive = self._drive(resource)
         for _ in range(count):
             drive.errors.append(_InjectedError(status, code, retry_after))
+
+    # ---- drive contents and delta -------------------------------------------------------------
+
+    def change_log(self, resource: str) -> ChangeLog:
+        """The drive's items and change history (delta tokens are positions in it)."""
+        return self._drive(resource).changes
+
+    async def change(
+        self, resource: str, count: int = 1, *, delete: Iterable[str] = (), notify: int = 1
+    ) -> list[str]:
+        """Create `count` files and delete the given item ids, then send `notify` notifications
+        (one change often sends several; 0 sends none). Returns the ids that changed."""
+        changed = self._drive(resource).changes.change(count, delete=tuple(delete))
+        if notify:
+            await self.emit(resource, notify)
+        return changed
+
+    def inject_delta_error(
+        self,
+        resource: str,
+        status: int,
+        code: str,
+        *,
+        retry_after: float | None = None,
+        location: str | None = None,
+        count: int = 1,
+    ) -> None:
+        """Answer the drive's next `count` delta requests with this error (410 may carry a
+        Location to restart from)."""
+        errors = self._drive(resource).changes.errors
+        for _ in range(count):
+            errors.append(InjectedDeltaError(status, code, retry_after, location))
+
+    def hold_delta(self, resource: str) -> asyncio.Event:
+        """The drive's next delta page is sent half-way, then waits until the event is set."""
+        release = asyncio.Event()
+        self._drive(resource).changes.hold = release
+        return release
 
     # ---- events -------------------------------------------------------------------------------
 
@@ -573,28 +616,34 @@ class GraphEmulator:
     # ---- internals: HTTP ----------------------------------------------------------------------
 
     def _add_graph_routes(self, app: web.Application) -> None:
-        tail = "root/subscriptions/socketIo"
-        for path in (
-            f"/v1.0/me/drive/{tail}",
-            f"/v1.0/drives/{{drive_id}}/{tail}",
-            f"/v1.0/groups/{{group_id}}/drive/{tail}",
-            f"/v1.0/sites/{{site_id}}/lists/{{list_id}}/drive/{tail}",
+        for tail, handler in (
+            ("root/subscriptions/socketIo", self._socketio_endpoint),
+            ("root/delta", self._delta),
         ):
-            app.router.add_get(path, self._socketio_endpoint)
+            for path in (
+                f"/v1.0/me/drive/{tail}",
+                f"/v1.0/drives/{{drive_id}}/{tail}",
+                f"/v1.0/groups/{{group_id}}/drive/{tail}",
+                f"/v1.0/sites/{{site_id}}/lists/{{list_id}}/drive/{tail}",
+            ):
+                app.router.add_get(path, handler)
 
-    async def _socketio_endpoint(self, request: web.Request) -> web.Response:
+    @staticmethod
+    def _resource_of(request: web.Request) -> tuple[str, str]:
+        """The drive's resource as relayd's config writes it, and its Graph path."""
         match = request.match_info
         if "site_id" in match:
             resource = f"sites/{match['site_id']}/lists/{match['list_id']}"
-        elif "group_id" in match:
+            return resource, f"{resource}/drive"
+        if "group_id" in match:
             resource = f"groups/{match['group_id']}"
-        elif "drive_id" in match:
+            return resource, f"{resource}/drive"
+        if "drive_id" in match:
             resource = f"drives/{match['drive_id']}"
-        else:
-            resource = "me"
-        self.endpoint_requests[resource] += 1
-        drive = self._drive(resource)
+            return resource, resource
+        return "me", "me/drive"
 
+    def _refuse_bearer(self, request: web.Request) -> web.Response | None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return _graph_error(401, "InvalidAuthenticationToken", "Access token is empty.")
@@ -602,6 +651,30 @@ class GraphEmulator:
             return _graph_error(
                 401, "InvalidAuthenticationToken", "IDX14100: JWT is not well formed."
             )
+        return None
+
+    async def _delta(self, request: web.Request) -> web.StreamResponse:
+        resource, path = self._resource_of(request)
+        self.delta_requests[resource] += 1
+        refused = self._refuse_bearer(request)
+        if refused is not None:
+            return refused
+        return await answer_delta(
+            request,
+            self._drive(resource).changes,
+            base_url=self.base_url,
+            path=path,
+            page_size=self.delta_page_size,
+        )
+
+    async def _socketio_endpoint(self, request: web.Request) -> web.Response:
+        resource, _ = self._resource_of(request)
+        self.endpoint_requests[resource] += 1
+        drive = self._drive(resource)
+
+        refused = self._refuse_bearer(request)
+        if refused is not None:
+            return refused
         if drive.errors:
             err = drive.errors.popleft()
             return _graph_error(
@@ -628,6 +701,15 @@ class GraphEmulator:
         app.router.add_post("/_emulator/error", self._control_error)
         app.router.add_post("/_emulator/lifetime", self._control_lifetime)
         app.router.add_get("/_emulator/state", self._control_state)
+        app.router.add_post("/_emulator/change", self._control_change)
+
+    async def _control_change(self, request: web.Request) -> web.Response:
+        changed = await self.change(
+            _query_resource(request),
+            _query_number(request, "count", int, 1),
+            notify=_query_number(request, "notify", int, 1),
+        )
+        return web.json_response({"changed": changed})
 
     async def _control_emit(self, request: web.Request) -> web.Response:
         resource = _query_resource(request)

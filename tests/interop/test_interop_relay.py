@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from conftest import StartRelay, relay_config, seqs
+from conftest import StartRelay, relay_config, seqs, wait_notifications
 from jsserver import JsSocketIoServer
 from support.waiting import wait_until
 
@@ -75,7 +75,7 @@ async def test_notifications_from_the_reference_server_are_relayed_in_order(
         await _start(tmp_path, stub, receiver, start_relay)
         await js.wait_clients(1)
         await js.emit(50)
-        delivered = await receiver.wait_for(50)
+        delivered = await wait_notifications(receiver, 50)
         assert sorted(seqs(delivered)) == list(range(1, 51))
         item = json.loads(delivered[0].body)["data"]["notification"]
         assert item["subscriptionId"] == "js-sub"  # passed through as received
@@ -92,7 +92,7 @@ async def test_reference_server_kick_and_bad_payload_are_survived(
         await wait_until(lambda: stub.requests == 2, what="fresh endpoint after kick")
         await js.wait_clients(1)
         await js.emit(1)
-        assert seqs(await receiver.wait_for(1)) == [1]
+        assert seqs(await wait_notifications(receiver, 1)) == [1]
 
 
 async def test_a_wrong_token_is_refused_and_retried(

@@ -1,0 +1,261 @@
+"""Changes, not pings: a drive's delta cursor and the rounds that move it (`mode: changes`).
+
+A socketIo notification only says "something in this drive changed". In changes mode the drive
+keeps a delta cursor (`GET {drive}/root/delta`, following `@odata.nextLink` to the
+`@odata.deltaLink`) and posts the changed items themselves. Each page's items and the link that
+follows it are committed to the outbox in one transaction, so a crash neither skips a page nor
+posts one twice: it is fetched again from the link that was stored.
+
+Rounds are coalesced: a burst of notifications waits for a quiet period (never longer than a
+maximum delay) and becomes one round; a follow-up round catches what a delta run right after a
+notification can miss. After every connect, reconnect or renewal the drive runs a catch-up round,
+so changes made while no socket was listening are posted too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+import structlog
+
+from relayd.auth import AuthError, TokenProvider
+from relayd.config import DriveConfig
+from relayd.events import changes_deliveries, resync_deliveries
+from relayd.graph import GraphClient, GraphError, InvalidGraphResponse
+from relayd.outbox import NewDelivery, Outbox, OutboxError
+
+PAGE_RETRY_INITIAL = 1.0
+PAGE_RETRY_MAX = 60.0
+
+
+@dataclass(frozen=True)
+class DeltaPage:
+    items: list[dict[str, Any]]
+    next_link: str | None
+    delta_link: str | None
+
+    @property
+    def link(self) -> str:
+        """Where to continue from once this page is stored."""
+        link = self.next_link or self.delta_link
+        assert link is not None
+        return link
+
+
+def parse_delta_page(body: object) -> DeltaPage:
+    """Read one page of a delta query; pure."""
+    if not isinstance(body, Mapping):
+        raise InvalidGraphResponse("delta page is not a JSON object")
+    items = body.get("value")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise InvalidGraphResponse("delta page has no 'value' list of items")
+    next_link, delta_link = body.get("@odata.nextLink"), body.get("@odata.deltaLink")
+    if not isinstance(next_link, str | None) or not isinstance(delta_link, str | None):
+        raise InvalidGraphResponse("delta page links are not strings")
+    if next_link is None and delta_link is None:
+        raise InvalidGraphResponse("delta page has neither @odata.nextLink nor @odata.deltaLink")
+    return DeltaPage(items=items, next_link=next_link, delta_link=delta_link)
+
+
+def start_url(graph: GraphClient, drive: DriveConfig, *, baseline: bool) -> str:
+    """The first delta URL: from "now" (`token=latest`) or a full enumeration."""
+    query: dict[str, str] = {}
+    if baseline:
+        query["token"] = "latest"
+    if drive.changes.select:
+        query["$select"] = ",".join(drive.changes.select)
+    url = graph.drive_url(drive.resource, "delta")
+    return f"{url}?{urlencode(query)}" if query else url
+
+
+def is_resync(error: GraphError) -> bool:
+    """410 Gone: the cursor is no longer valid (resyncRequired, resyncChanges...)."""
+    return error.status == 410
+
+
+class ChangeFeed:
+    """One drive's delta cursor, its coalesced rounds, and their catch-ups."""
+
+    def __init__(
+        self,
+        drive: DriveConfig,
+        *,
+        graph: GraphClient,
+        tokens: TokenProvider,
+        outbox: Outbox,
+    ) -> None:
+        self.drive = drive
+        self.rounds = 0
+        self.items = 0
+        self._graph = graph
+        self._tokens = tokens
+        self._outbox = outbox
+        self._cursor: str | None = None
+        self._wake = asyncio.Event()
+        self._first: float | None = None  # first notification not yet covered by a round
+        self._last: float | None = None
+        self._follow_up_at: float | None = None
+        self._catch_up: str | None = None
+        self.log = structlog.get_logger("relayd.delta").bind(drive=drive.name)
+
+    # -- triggers (called by the watcher) ---------------------------------------------------------
+
+    def notified(self) -> None:
+        now = time.monotonic()
+        self._first = self._first if self._first is not None else now
+        self._last = now
+        self._wake.set()
+
+    def catch_up(self, reason: str) -> None:
+        self._catch_up = reason
+        self._wake.set()
+
+    # -- the cursor -------------------------------------------------------------------------------
+
+    async def ensure_cursor(self) -> None:
+        """Have a cursor before the socket connects, so no change falls before the first one.
+
+        A drive seen before continues from its stored cursor. A new drive (or one whose resource
+        changed) starts from "now", or from a full enumeration with `initial_sync: true`.
+        """
+        stored = await self._outbox.drive_state(self.drive.name)
+        if stored is not None and stored[0] == self.drive.resource and stored[1]:
+            self._cursor = stored[1]
+            return
+        initial_sync = self.drive.changes.initial_sync
+        if initial_sync:
+            cursor = start_url(self._graph, self.drive, baseline=False)
+        else:
+            page = parse_delta_page(
+                await self._graph.get_json(
+                    start_url(self._graph, self.drive, baseline=True), self._tokens.token
+                )
+            )
+            cursor = page.link
+        await self._outbox.save_drive_state(self.drive.name, self.drive.resource, cursor)
+        self._cursor = cursor
+        self.log.info("delta cursor taken", initial_sync=initial_sync)
+
+    # -- rounds -----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run rounds as triggers come due, until cancelled."""
+        while True:
+            due = self._next_due()
+            now = time.monotonic()
+            if due is None or due > now:
+                timeout = None if due is None else due - now
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                self._wake.clear()
+                continue
+            await self.round(self._take_due(now))
+
+    def _next_due(self) -> float | None:
+        candidates = []
+        if self._catch_up is not None:
+            candidates.append(0.0)
+        if self._first is not None and self._last is not None:
+            quiet = self._last + self.drive.changes.quiet_period
+            candidates.append(min(quiet, self._first + self.drive.changes.max_delay))
+        if self._follow_up_at is not None:
+            candidates.append(self._follow_up_at)
+        return min(candidates) if candidates else None
+
+    def _take_due(self, now: float) -> str:
+        follow_up = self.drive.changes.follow_up
+        if self._catch_up is not None:
+            reason, self._catch_up = self._catch_up, None
+            self._first = self._last = self._follow_up_at = None  # the round covers them
+            return reason
+        if self._first is not None:
+            self._first = self._last = None
+            self._follow_up_at = now + follow_up if follow_up > 0 else None
+            return "notification"
+        self._follow_up_at = None
+        return "follow-up"
+
+    async def round(self, reason: str) -> int:
+        """Follow the cursor to the end, posting what changed; returns the items posted."""
+        assert self._cursor is not None, "ensure_cursor() first"
+        drive = self.drive
+        posted = 0
+        attempt = 0
+        while True:
+            try:
+                page = parse_delta_page(
+                    await self._graph.get_json(self._cursor, self._tokens.token)
+                )
+            except GraphError as error:
+                if is_resync(error):
+                    await self._resync(error)
+                    continue
+                attempt += 1
+                await self._pause_after(error, attempt, error.retry_after)
+                continue
+            except (AuthError, InvalidGraphResponse, OSError, TimeoutError) as error:
+                attempt += 1
+                await self._pause_after(error, attempt, None)
+                continue
+            attempt = 0
+            deliveries = changes_deliveries(
+                drive.name,
+                drive.resource,
+                drive.webhook,
+                page.items,
+                time.time(),
+                max_items=drive.changes.max_items,
+            )
+            await self._store(page.link, deliveries)
+            posted += len(page.items)
+            if page.delta_link is not None:
+                break
+        self.rounds += 1
+        self.items += posted
+        self.log.info("delta round", reason=reason, items=posted)
+        return posted
+
+    async def _store(self, link: str, deliveries: list[NewDelivery]) -> None:
+        while True:
+            try:
+                await self._outbox.save_drive_state(
+                    self.drive.name, self.drive.resource, link, deliveries
+                )
+                self._cursor = link
+                return
+            except OutboxError as exc:
+                self.log.error("cannot write to the outbox, retrying", error=str(exc))
+                await asyncio.sleep(PAGE_RETRY_INITIAL)
+
+    async def _resync(self, error: GraphError) -> None:
+        """Graph dropped the cursor: start again where it says, and tell the receivers."""
+        drive = self.drive
+        # Without a Location: a full enumeration if the drive asked for one at first, else "now"
+        # (the resync notice tells receivers to look for themselves). The next page resolves it.
+        cursor = error.location or start_url(
+            self._graph, drive, baseline=not drive.changes.initial_sync
+        )
+        notice = resync_deliveries(
+            drive.name, drive.resource, drive.webhook, f"delta {error.code}", time.time()
+        )
+        self.log.warning("delta cursor reset by Graph", code=error.code)
+        await self._store(cursor, notice)
+
+    async def _pause_after(
+        self, error: BaseException, attempt: int, retry_after: float | None
+    ) -> None:
+        delay = min(PAGE_RETRY_MAX, PAGE_RETRY_INITIAL * 2 ** min(attempt - 1, 10))
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        self.log.warning(
+            "delta page failed; retrying from the same cursor",
+            error=f"{type(error).__name__}: {error}",
+            retry_in=round(delay, 1),
+        )
+        await asyncio.sleep(delay)
