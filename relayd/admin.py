@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 # Drive states in which the relay does all it can: connected, or waiting on something that only a
 # person or Microsoft can change. Starting and reconnecting drives are not ready yet.
 SETTLED = frozenset({DriveState.CONNECTED, DriveState.NOT_SUPPORTED, DriveState.NEEDS_LOGIN})
+DRIVE_COUNTERS = (
+    ("received", "relayd_notifications_received", "Notifications received, per drive."),
+    (
+        "malformed",
+        "relayd_notifications_malformed",
+        "Notification events that were not what Graph sends, per drive.",
+    ),
+    ("reconnects", "relayd_reconnects", "Connections lost and re-established, per drive."),
+    ("renewals", "relayd_endpoint_renewals", "socketIo endpoints renewed before expiry."),
+)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -86,22 +96,11 @@ class _RelayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         supervisor = self._supervisor
-        received = CounterMetricFamily(
-            "relayd_notifications_received", "Notifications received, per drive.", labels=["drive"]
-        )
-        malformed = CounterMetricFamily(
-            "relayd_notifications_malformed",
-            "Notification events that were not what Graph sends, per drive.",
-            labels=["drive"],
-        )
-        reconnects = CounterMetricFamily(
-            "relayd_reconnects", "Connections lost and re-established, per drive.", labels=["drive"]
-        )
-        renewals = CounterMetricFamily(
-            "relayd_endpoint_renewals",
-            "socketIo endpoints renewed before expiry.",
-            labels=["drive"],
-        )
+        # DriveStatus counter -> its series.
+        counters = {
+            field: CounterMetricFamily(name, documentation, labels=["drive"])
+            for field, name, documentation in DRIVE_COUNTERS
+        }
         connected = GaugeMetricFamily(
             "relayd_drive_connected", "1 if the drive's socket is connected.", labels=["drive"]
         )
@@ -112,14 +111,12 @@ class _RelayCollector(Collector):
         )
         for name, watcher in supervisor.watchers.items():
             status = watcher.status
-            received.add_metric([name], status.received)
-            malformed.add_metric([name], status.malformed)
-            reconnects.add_metric([name], status.reconnects)
-            renewals.add_metric([name], status.renewals)
+            for field, family in counters.items():
+                family.add_metric([name], getattr(status, field))
             connected.add_metric([name], 1 if status.state is DriveState.CONNECTED else 0)
             for candidate in DriveState:
                 state.add_metric([name, candidate.value], 1 if status.state is candidate else 0)
-        yield from (received, malformed, reconnects, renewals, connected, state)
+        yield from (*counters.values(), connected, state)
 
         refreshes = CounterMetricFamily(
             "relayd_token_refreshes",

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
@@ -39,6 +40,13 @@ def _logging() -> None:
 async def emulator() -> AsyncIterator[GraphEmulator]:
     async with GraphEmulator(tokens=[TOKEN]) as graph:
         yield graph
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    """A client session for tests that talk HTTP themselves."""
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture
