@@ -14,12 +14,11 @@ from standardwebhooks.webhooks import WebhookVerificationError
 from support.delivery_helpers import (
     FAST_RETRY,
     count,
-    eventually,
     new_secret,
     run_cli,
     write_config,
 )
-from support.waiting import wait_until
+from support.waiting import eventually, wait_until
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +50,6 @@ def write_config(
     path = tmp_path / "relayd.yaml"
     path.write_text(yaml.safe_dump(document))
     return path, load_config(path, env={})
-
-
-async def eventually(
-    check: Callable[[], Awaitable[object]], *, timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Like `wait_until`, for a condition that has to await (the outbox answers asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def count(outbox: Outbox, webhook: str, state: State) -> int:
