@@ -216,3 +216,34 @@ def test_demo_runs_the_whole_flow(tmp_path: Path) -> None:
     assert code == 0
     assert out.count("webhook received drive.notification") >= 3
     assert "signed=True" in out
+
+
+async def test_relayd_reload_adds_a_drive_without_touching_the_running_one(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, relay_process: RelayProcess
+) -> None:
+    await relay_process.start()
+    await wait_until(lambda: emulator.connected("me") == 1, timeout=20, what="relay connected")
+    document = yaml.safe_load(relay_process.config.read_text())
+    document["drives"].append(
+        {"name": "d2", "account": "test", "resource": "drives/second", "webhook": "hook"}
+    )
+    relay_process.config.write_text(yaml.safe_dump(document))
+
+    code, out, err = await asyncio.to_thread(
+        run_cli, "reload", "--config", str(relay_process.config)
+    )
+    assert code == 0, err
+    assert "asked relayd (pid" in out
+    await wait_until(lambda: emulator.connected("drives/second") == 1, what="new drive up")
+    assert emulator.connects["me"] == 1  # the first drive's connection stayed up
+    await emulator.emit("drives/second")
+    [delivered] = await wait_notifications(receiver, 1)
+    assert delivered.json()["data"]["drive"] == "d2"
+
+
+def test_relayd_reload_without_a_daemon_says_so(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("state_dir: state\n")
+    code, _, err = run_cli("reload", "--config", str(config))
+    assert code == 1
+    assert "no relayd is running with state_dir" in err
