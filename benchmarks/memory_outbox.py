@@ -19,7 +19,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from relayd.outbox import AttemptResult, Delivery, NewDelivery, OutboxError, State
+from relayd.outbox import AttemptResult, Delivery, NewDelivery, OutboxError, Router, State
 
 
 @dataclass(slots=True)
@@ -44,11 +44,11 @@ class MemoryOutbox:
         path: Path,
         *,
         recover: bool = True,
-        on_insert: Callable[[str], None] | None = None,
+        router: Router | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
-        self._on_insert = on_insert
+        self._router = router
         self._clock = clock
         self._rows: dict[int, _Row] = {}
         # Per webhook: (next_attempt, id) of pending rows. Entries go stale when a row changes
@@ -123,9 +123,10 @@ class MemoryOutbox:
             self._rows[row.id] = row
             self._push(row)
         self.commits += 1
-        if self._on_insert is not None:
+        if self._router is not None:
+            # No hand-over at commit: claims cost nothing here anyway.
             for webhook in {d.webhook for d in deliveries}:
-                self._on_insert(webhook)
+                self._router.wake(webhook)
 
     async def drive_state(self, name: str) -> tuple[str, str | None] | None:
         self._check()

@@ -9,7 +9,7 @@ its own queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import collections
 import random
 import time
 from collections.abc import Callable
@@ -133,13 +133,38 @@ class Dispatcher:
         self._keys = tuple(decode_secret(secret) for secret in config.secret)
         self._timeout = aiohttp.ClientTimeout(total=config.timeout)
         self._limit = 1 if config.ordered else config.concurrency
+        # Rows held in memory beyond those being attempted: claimed in batches (and handed over
+        # at commit) so a busy webhook does not read the store once per notification. Bounded,
+        # so a backlog of any size stays on disk.
+        self._capacity = 1 if config.ordered else 2 * config.concurrency
+        self._ready: collections.deque[Delivery] = collections.deque()
+        self._reserved = 0
+        self._store_has_due = True  # the store may hold due rows that we have not claimed
+        self._next_due: float | None = None  # earliest known retry waiting in the store
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: dict[asyncio.Task[None], int] = {}  # task -> row id
         self._log = log.bind(webhook=name)
 
     def wake(self) -> None:
-        """New rows for this webhook were committed."""
+        """New rows for this webhook are waiting in the store."""
+        self._store_has_due = True
+        self._wake.set()
+
+    def reserve(self, count: int) -> int:
+        """Take up to `count` rows straight from their commit (ordered webhooks never do: their
+        order is the store's)."""
+        if self.config.ordered or self._stopping:
+            return 0
+        room = self._capacity - len(self._in_flight) - len(self._ready) - self._reserved
+        taken = max(0, min(count, room))
+        self._reserved += taken
+        return taken
+
+    def hand_over(self, reserved: int, rows: list[Delivery]) -> None:
+        """The rows reserved earlier, committed and in flight (none if the commit failed)."""
+        self._reserved = max(0, self._reserved - reserved)
+        self._ready.extend(rows)
         self._wake.set()
 
     def stop(self) -> None:
@@ -159,11 +184,17 @@ class Dispatcher:
             await self._drain(grace)
 
     async def _fill(self) -> None:
-        free = self._limit - len(self._in_flight)
-        if free <= 0:
-            return
-        rows = await self._outbox.claim(self.name, free, ordered=self.config.ordered)
-        for row in rows:
+        room = self._capacity - len(self._in_flight) - len(self._ready) - self._reserved
+        # Claim in batches: only once the local buffer is down to what the free slots need.
+        if self._store_has_due and room > 0 and len(self._ready) < self._limit:
+            rows = await self._outbox.claim(self.name, room, ordered=self.config.ordered)
+            self._ready.extend(rows)
+            if len(rows) < room and not (self.config.ordered and rows):
+                # All that is due is claimed; what remains waits for a retry time.
+                self._store_has_due = False
+                self._next_due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
+        while self._ready and len(self._in_flight) < self._limit and not self._stopping:
+            row = self._ready.popleft()
             task = asyncio.create_task(self._deliver(row), name=f"relayd-deliver-{row.id}")
             self._in_flight[task] = row.id
             task.add_done_callback(self._finished)
@@ -176,21 +207,27 @@ class Dispatcher:
             self._log.error("delivery bookkeeping failed", error=str(task.exception()))
 
     async def _idle(self) -> None:
-        """Sleep until something may be claimable: a new row, a freed slot, a due retry."""
+        """Sleep until there may be work: new rows, a freed slot, a retry coming due."""
         if self._wake.is_set():
             self._wake.clear()
             return
         timeout = IDLE_POLL
-        if len(self._in_flight) < self._limit:
-            due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
-            if due is not None:
-                timeout = min(timeout, max(0.0, due - self._clock()))
-        if timeout > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+        if self._next_due is not None:
+            timeout = min(timeout, max(0.0, self._next_due - self._clock()))
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            # A retry came due, or `relayd outbox replay` (another process) queued rows: look.
+            self._store_has_due = True
+            self._next_due = None
         self._wake.clear()
 
     async def _drain(self, grace: float) -> None:
+        # Rows claimed but never started go back to the queue as they are.
+        unstarted = [row.id for row in self._ready]
+        self._ready.clear()
+        if unstarted:
+            await self._outbox.release(unstarted)
         if not self._in_flight:
             return
         under_way = dict(self._in_flight)
@@ -210,6 +247,8 @@ class Dispatcher:
         self._report(row, result)
         if self._on_result is not None:
             self._on_result(self.name, result)
+        if result.next_attempt is not None:  # a retry now waits in the store
+            self._next_due = min(self._next_due or result.next_attempt, result.next_attempt)
         while True:
             try:
                 await self._outbox.record([result])

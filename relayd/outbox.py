@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -151,16 +151,83 @@ _INSERT = (
     "INSERT INTO deliveries (message_id, webhook, drive, body, created, retry_from, state,"
     " next_attempt) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
-
-
-def _insert_rows(deliveries: Sequence[NewDelivery]) -> list[tuple[Any, ...]]:
-    return [
-        (d.message_id, d.webhook, d.drive, d.body, d.created, d.created, State.PENDING, d.created)
-        for d in deliveries
-    ]
-
-
 _ROW_COLUMNS = "id, message_id, webhook, drive, body, created, retry_from, attempts"
+
+
+def _values(d: NewDelivery, state: State) -> tuple[Any, ...]:
+    return (d.message_id, d.webhook, d.drive, d.body, d.created, d.created, state, d.created)
+
+
+class Router(Protocol):
+    """Where new rows go once committed: the dispatchers, through the supervisor.
+
+    A dispatcher with room takes new rows straight from the commit (`reserve`, then
+    `hand_over`): they are inserted already in flight, so no claim has to read them back. The
+    rest are inserted waiting, and the dispatcher is woken to claim them when it has room.
+    """
+
+    def reserve(self, webhook: str, count: int) -> int:
+        """How many of `count` new rows the webhook's dispatcher takes directly (0 to count)."""
+        ...
+
+    def hand_over(self, webhook: str, reserved: int, rows: list[Delivery]) -> None:
+        """The `reserved` rows, committed and in flight: all of them, or [] if the commit
+        failed."""
+        ...
+
+    def wake(self, webhook: str) -> None:
+        """Rows are waiting in the store for the webhook's dispatcher to claim."""
+        ...
+
+
+@dataclass
+class _Insert:
+    """New rows split into those handed straight to a dispatcher and those left waiting."""
+
+    claimed: dict[str, list[NewDelivery]]
+    waiting: list[NewDelivery]
+
+    @classmethod
+    def plan(cls, deliveries: Sequence[NewDelivery], router: Router | None) -> _Insert:
+        by_webhook: dict[str, list[NewDelivery]] = {}
+        for delivery in deliveries:
+            by_webhook.setdefault(delivery.webhook, []).append(delivery)
+        claimed: dict[str, list[NewDelivery]] = {}
+        waiting: list[NewDelivery] = []
+        for webhook, rows in by_webhook.items():
+            taken = router.reserve(webhook, len(rows)) if router is not None else 0
+            claimed[webhook] = rows[:taken]
+            waiting += rows[taken:]
+        return cls(claimed, waiting)
+
+    def run(self, connection: sqlite3.Connection) -> dict[str, list[Delivery]]:
+        """Insert the rows; return the claimed ones as deliveries (they need their ids)."""
+        if self.waiting:
+            connection.executemany(_INSERT, [_values(d, State.PENDING) for d in self.waiting])
+        handed: dict[str, list[Delivery]] = {}
+        for webhook, rows in self.claimed.items():
+            handed[webhook] = []
+            for d in rows:
+                (row_id,) = connection.execute(
+                    _INSERT + " RETURNING id", _values(d, State.INFLIGHT)
+                ).fetchone()
+                handed[webhook].append(
+                    Delivery(
+                        row_id, d.message_id, d.webhook, d.drive, d.body, d.created, d.created, 0
+                    )
+                )
+        return handed
+
+    def announce(self, router: Router | None, handed: dict[str, list[Delivery]] | None) -> None:
+        """After the commit (handed) or its failure (None): tell the dispatchers."""
+        if router is None:
+            return
+        for webhook, rows in self.claimed.items():
+            if rows:
+                router.hand_over(webhook, len(rows), handed.get(webhook, []) if handed else [])
+        if handed is not None:
+            for webhook in {d.webhook for d in self.waiting}:
+                router.wake(webhook)
 
 
 class Outbox:
@@ -171,14 +238,14 @@ class Outbox:
         path: Path,
         *,
         recover: bool = True,
-        on_insert: Callable[[str], None] | None = None,
+        router: Router | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """`recover` puts rows left in flight by a previous run back in the queue: only the
         daemon does that, never a CLI command opening the store beside it."""
         self.path = path
         self._recover = recover
-        self._on_insert = on_insert
+        self._router = router
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-outbox")
         self._connection: sqlite3.Connection | None = None
@@ -334,22 +401,20 @@ class Outbox:
         connection = self._connection
         if connection is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
-        outcomes: list[tuple[bool, Any]] = []
         try:
             if durable != self._synchronous_full:
                 connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
                 self._synchronous_full = durable
             connection.execute("BEGIN IMMEDIATE")
-            for operation in operations:
-                connection.execute("SAVEPOINT operation")
-                try:
-                    value = operation(connection)
-                except Exception as exc:
-                    connection.execute("ROLLBACK TO operation")
-                    outcomes.append((False, exc))
-                else:
-                    outcomes.append((True, value))
-                connection.execute("RELEASE operation")
+            try:
+                # The usual case: every operation succeeds, one transaction, nothing else.
+                outcomes: list[tuple[bool, Any]] = [(True, op(connection)) for op in operations]
+            except Exception:
+                # Something failed: start again with a savepoint around each operation, so that
+                # only the failing one is undone and told so.
+                connection.execute("ROLLBACK")
+                connection.execute("BEGIN IMMEDIATE")
+                outcomes = [self._isolated(connection, op) for op in operations]
             connection.execute("COMMIT")
             self.commits += 1
         except sqlite3.Error as exc:
@@ -358,25 +423,45 @@ class Outbox:
             raise OutboxError(f"{self.path}: commit failed: {exc}") from None
         return outcomes
 
+    @staticmethod
+    def _isolated(connection: sqlite3.Connection, operation: Operation) -> tuple[bool, Any]:
+        connection.execute("SAVEPOINT operation")
+        try:
+            value = operation(connection)
+        except Exception as exc:
+            connection.execute("ROLLBACK TO operation")
+            return False, exc
+        finally:
+            connection.execute("RELEASE operation")
+        return True, value
+
     # -- the daemon's operations -----------------------------------------------------------------
 
     async def add(self, deliveries: Sequence[NewDelivery]) -> None:
         """Returns once the rows are committed to disk."""
-        if not deliveries:
-            return
-        rows = _insert_rows(deliveries)
+        if deliveries:
+            await self._insert(deliveries, None)
 
-        def insert(connection: sqlite3.Connection) -> None:
-            connection.executemany(_INSERT, rows)
+    async def _insert(
+        self,
+        deliveries: Sequence[NewDelivery],
+        also: Callable[[sqlite3.Connection], None] | None,
+    ) -> None:
+        """Commit new rows (and `also`, in the same transaction), then route them."""
+        plan = _Insert.plan(deliveries, self._router)
 
-        await self._submit(insert, durable=True)
-        self._announce(deliveries)
+        def insert(connection: sqlite3.Connection) -> dict[str, list[Delivery]]:
+            handed = plan.run(connection)
+            if also is not None:
+                also(connection)
+            return handed
 
-    def _announce(self, deliveries: Sequence[NewDelivery]) -> None:
-        """Tell the dispatchers of the webhooks that just got rows."""
-        if self._on_insert is not None:
-            for webhook in {d.webhook for d in deliveries}:
-                self._on_insert(webhook)
+        try:
+            handed = await self._submit(insert, durable=True)
+        except BaseException:
+            plan.announce(self._router, None)  # give the reservations back
+            raise
+        plan.announce(self._router, handed)
 
     async def claim(self, webhook: str, limit: int, *, ordered: bool = False) -> list[Delivery]:
         """Take up to `limit` rows that are due now and mark them in flight.
@@ -534,12 +619,9 @@ class Outbox:
         A delta page and the cursor that follows it are committed in one transaction: after a
         crash either both are on disk, or neither is and the page is fetched again.
         """
-        rows = _insert_rows(deliveries)
         now = self._clock()
 
         def upsert(connection: sqlite3.Connection) -> None:
-            if rows:
-                connection.executemany(_INSERT, rows)
             connection.execute(
                 "INSERT INTO drives (name, resource, cursor, updated) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET resource = excluded.resource,"
@@ -547,8 +629,7 @@ class Outbox:
                 (name, resource, cursor, now),
             )
 
-        await self._submit(upsert, durable=True)
-        self._announce(deliveries)
+        await self._insert(deliveries, upsert)
 
     # -- inspection and repair (the `relayd outbox` commands; safe beside a running daemon) -----
 

@@ -39,7 +39,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Outbox, OutboxError
+from relayd.outbox import Delivery, Outbox, OutboxError
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import DriveState, DriveWatcher
 
@@ -159,7 +159,7 @@ class Supervisor:
                 self._session = await stack.enter_async_context(
                     aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
                 )
-                outbox = Outbox(config.state_dir / OUTBOX_FILE, on_insert=self._wake_dispatcher)
+                outbox = Outbox(config.state_dir / OUTBOX_FILE, router=self)
                 try:
                     self.outbox = await stack.enter_async_context(outbox)
                 except Exception as exc:
@@ -340,7 +340,18 @@ class Supervisor:
         for name in names:
             del self.dispatchers[name]
 
-    def _wake_dispatcher(self, webhook: str) -> None:
+    # -- the outbox's Router: new rows go to the webhook's dispatcher -----------------------------
+
+    def reserve(self, webhook: str, count: int) -> int:
+        dispatcher = self.dispatchers.get(webhook)
+        return 0 if dispatcher is None else dispatcher.reserve(count)
+
+    def hand_over(self, webhook: str, reserved: int, rows: list[Delivery]) -> None:
+        dispatcher = self.dispatchers.get(webhook)
+        if dispatcher is not None:
+            dispatcher.hand_over(reserved, rows)
+
+    def wake(self, webhook: str) -> None:
         dispatcher = self.dispatchers.get(webhook)
         if dispatcher is not None:
             dispatcher.wake()

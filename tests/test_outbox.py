@@ -79,7 +79,8 @@ async def test_added_rows_are_on_disk_when_add_returns(outbox: Outbox, path: Pat
     await outbox.add([new(1), new(2, webhook="other")])
 
     rows = on_disk(
-        path, "SELECT message_id, webhook, drive, body, state, attempts FROM deliveries ORDER BY id"
+        path,
+        "SELECT message_id, webhook, drive, body, state, attempts FROM deliveries ORDER BY id",
     )
     assert rows == [
         ("msg_hook_d1_1", "hook", "d1", new(1).body, "pending", 0),
