@@ -414,6 +414,11 @@ class _Model(BaseModel):
 
 class GraphConfig(_Model):
     base_url: _HttpUrl = "https://graph.microsoft.com/v1.0"
+    # Endpoint fetches and socket connects, across all drives: at most this many at once, and
+    # started at most this many per second, so thousands of drives starting (or coming back
+    # after a network blip) never hammer Graph or the push service.
+    connect_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 50
+    connect_rate: Annotated[float, Field(gt=0, le=100_000)] = 50.0
 
     @field_validator("base_url")
     @classmethod

@@ -41,7 +41,7 @@ from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
 from relayd.outbox import Delivery, Outbox, OutboxError
 from relayd.systemd import Notifier, watchdog_interval
-from relayd.watcher import DriveState, DriveWatcher
+from relayd.watcher import ConnectGate, DriveState, DriveWatcher
 
 log = structlog.get_logger("relayd.supervisor")
 
@@ -140,6 +140,7 @@ class Supervisor:
         self._group: asyncio.TaskGroup | None = None
         self._session: aiohttp.ClientSession | None = None
         self._graph: GraphClient | None = None
+        self._gate: ConnectGate | None = None
         self.metrics = Metrics(self)  # last: its collector reads the attributes above
 
     def request_reload(self) -> None:
@@ -253,6 +254,7 @@ class Supervisor:
         graph_changed = old is None or old.graph != new.graph
         if graph_changed:
             self._graph = GraphClient(self._session, new.graph.base_url)
+            self._gate = ConnectGate(new.graph.connect_concurrency, new.graph.connect_rate)
 
         accounts_changed = {
             name
@@ -317,6 +319,7 @@ class Supervisor:
             tokens=self.tokens[drive.account],
             outbox=self.outbox,
             socket_session=self._session,
+            gate=self._gate,
         )
         self.watchers[drive.name] = watcher
         self._drive_tasks[drive.name] = self._group.create_task(

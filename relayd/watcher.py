@@ -18,7 +18,7 @@ import json
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -150,6 +150,29 @@ def dedupe_key(item: Mapping[str, Any]) -> str:
     return json.dumps(kept, sort_keys=True, separators=(",", ":"))
 
 
+class ConnectGate:
+    """Paces endpoint fetches and connects across every drive of the process.
+
+    At most `concurrency` at once, and their starts spaced to at most `rate` per second: a
+    process with thousands of drives starts (or reconnects after a blip) as a steady stream.
+    """
+
+    def __init__(self, concurrency: int, rate: float) -> None:
+        self._slots = asyncio.Semaphore(concurrency)
+        self._spacing = 1.0 / rate
+        self._next_start = 0.0
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        async with self._slots:
+            now = time.monotonic()
+            start = max(now, self._next_start)
+            self._next_start = start + self._spacing
+            if start > now:
+                await asyncio.sleep(start - now)
+            yield
+
+
 class ConnectionLost(Exception):
     """The socket is gone; the watcher fetches a fresh endpoint and connects again."""
 
@@ -185,6 +208,7 @@ class DriveWatcher:
         tokens: TokenProvider,
         outbox: Outbox,
         socket_session: aiohttp.ClientSession | None = None,
+        gate: ConnectGate | None = None,
     ) -> None:
         self.drive = drive
         self.status = DriveStatus()
@@ -192,6 +216,7 @@ class DriveWatcher:
         self._tokens = tokens
         self._outbox = outbox
         self._socket_session = socket_session
+        self._gate = gate or ConnectGate(concurrency=1_000_000, rate=1e9)
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
             ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox)
@@ -357,11 +382,14 @@ class DriveWatcher:
         )
 
     async def _open(self) -> _Connection:
-        subscription = await self._graph.socketio_endpoint(self.drive.resource, self._tokens.token)
-        self.status.endpoint = subscription.target.display
-        self._generation += 1
-        connection = _Connection(self, subscription, self._generation)
-        await connection.open()
+        async with self._gate.slot():
+            subscription = await self._graph.socketio_endpoint(
+                self.drive.resource, self._tokens.token
+            )
+            self.status.endpoint = subscription.target.display
+            self._generation += 1
+            connection = _Connection(self, subscription, self._generation)
+            await connection.open()
         self.log.info(
             "connected",
             endpoint=subscription.target.display,

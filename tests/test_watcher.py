@@ -266,3 +266,21 @@ async def test_a_drive_with_several_webhooks_posts_to_each(
     b = await wait_notifications(receiver, 5, name="b")
     # One notification, one webhook-id, whichever webhook it goes to.
     assert {r.headers["webhook-id"] for r in a} == {r.headers["webhook-id"] for r in b}
+
+
+async def test_many_drives_start_as_a_paced_stream_not_a_stampede(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    resources = [f"drives/d{n:02d}" for n in range(20)]
+    started = time.monotonic()
+    await start_relay(
+        drives=[drive(f"d{n:02d}", resource) for n, resource in enumerate(resources)],
+        graph={"base_url": emulator.base_url, "connect_rate": 10, "connect_concurrency": 3},
+    )
+    await wait_until(lambda: sum(emulator.endpoint_requests.values()) >= 5, what="first five")
+    assert time.monotonic() - started >= 0.35  # five starts at 10/s take 0.4 s, not 0
+    await wait_until(
+        lambda: all(emulator.connected(r) == 1 for r in resources), what="every drive connected"
+    )
+    assert time.monotonic() - started >= 1.9  # 20 starts at 10/s
+    assert sum(emulator.endpoint_requests.values()) == 20  # nothing refused, nothing retried
