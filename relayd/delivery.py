@@ -140,6 +140,7 @@ class Dispatcher:
         self._ready: collections.deque[Delivery] = collections.deque()
         self._reserved = 0
         self._store_has_due = True  # the store may hold due rows that we have not claimed
+        self._wakes = 0  # wake() calls so far: one during a claim means look again
         self._next_due: float | None = None  # earliest known retry waiting in the store
         self._wake = asyncio.Event()
         self._stopping = False
@@ -149,6 +150,7 @@ class Dispatcher:
     def wake(self) -> None:
         """New rows for this webhook are waiting in the store."""
         self._store_has_due = True
+        self._wakes += 1
         self._wake.set()
 
     def reserve(self, count: int) -> int:
@@ -187,11 +189,13 @@ class Dispatcher:
         room = self._capacity - len(self._in_flight) - len(self._ready) - self._reserved
         # Claim in batches: only once the local buffer is down to what the free slots need.
         if self._store_has_due and room > 0 and len(self._ready) < self._limit:
+            wakes = self._wakes
             rows = await self._outbox.claim(self.name, room, ordered=self.config.ordered)
             self._ready.extend(rows)
             if len(rows) < room and not (self.config.ordered and rows):
-                # All that is due is claimed; what remains waits for a retry time.
-                self._store_has_due = False
+                # All that was due is claimed; what remains waits for a retry time, unless rows
+                # were added while the claim ran.
+                self._store_has_due = self._wakes != wakes
                 self._next_due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
         while self._ready and len(self._in_flight) < self._limit and not self._stopping:
             row = self._ready.popleft()
