@@ -73,13 +73,21 @@ class Metrics:
         )
         self.last_reload_ok.set(1)
         self.last_reload_time.set(time.time())
+        self._series: dict[tuple[str, str], tuple[Any, Any]] = {}
         self.registry.register(_RelayCollector(supervisor))
 
     def observe(self, webhook: str, result: AttemptResult) -> None:
+        """Called for every delivery attempt: the labelled children are looked up once."""
         outcome = {State.DELIVERED: "delivered", State.DEAD: "dead"}.get(result.state, "retry")
-        self.deliveries.labels(webhook, outcome).inc()
+        series = self._series.get((webhook, outcome))
+        if series is None:
+            series = self._series[webhook, outcome] = (
+                self.deliveries.labels(webhook, outcome),
+                self.delivery_latency.labels(webhook),
+            )
+        series[0].inc()
         if result.latency is not None:
-            self.delivery_latency.labels(webhook).observe(result.latency)
+            series[1].observe(result.latency)
 
     def reloaded(self, ok: bool) -> None:
         self.reloads.labels("success" if ok else "failure").inc()

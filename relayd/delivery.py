@@ -145,6 +145,9 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: dict[asyncio.Task[None], int] = {}  # task -> row id
+        # Rows whose POST is under way: what `concurrency` limits. An attempt's result is
+        # recorded after its slot is free, so the store's commit is not part of the cycle.
+        self._posting: set[int] = set()
         self._log = log.bind(webhook=name)
 
     def wake(self) -> None:
@@ -158,7 +161,7 @@ class Dispatcher:
         order is the store's)."""
         if self.config.ordered or self._stopping:
             return 0
-        room = self._capacity - len(self._in_flight) - len(self._ready) - self._reserved
+        room = self._capacity - len(self._posting) - len(self._ready) - self._reserved
         taken = max(0, min(count, room))
         self._reserved += taken
         return taken
@@ -186,7 +189,7 @@ class Dispatcher:
             await self._drain(grace)
 
     async def _fill(self) -> None:
-        room = self._capacity - len(self._in_flight) - len(self._ready) - self._reserved
+        room = self._capacity - len(self._posting) - len(self._ready) - self._reserved
         # Claim in batches: only once the local buffer is down to what the free slots need.
         if self._store_has_due and room > 0 and len(self._ready) < self._limit:
             wakes = self._wakes
@@ -197,14 +200,15 @@ class Dispatcher:
                 # were added while the claim ran.
                 self._store_has_due = self._wakes != wakes
                 self._next_due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
-        while self._ready and len(self._in_flight) < self._limit and not self._stopping:
+        while self._ready and len(self._posting) < self._limit and not self._stopping:
             row = self._ready.popleft()
             task = asyncio.create_task(self._deliver(row), name=f"relayd-deliver-{row.id}")
             self._in_flight[task] = row.id
+            self._posting.add(row.id)
             task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
+        self._posting.discard(self._in_flight.pop(task, -1))
         self._wake.set()
         if not task.cancelled() and task.exception() is not None:
             # _deliver records every outcome itself; reaching here means the store failed.
@@ -246,7 +250,11 @@ class Dispatcher:
         await self._outbox.release(under_way[task] for task in late)
 
     async def _deliver(self, row: Delivery) -> None:
-        attempt = await self.post(row)
+        try:
+            attempt = await self.post(row)
+        finally:
+            self._posting.discard(row.id)  # the slot is free; the result is recorded below
+            self._wake.set()
         result = conclude(row, attempt, self.config.retry, self._clock())
         self._report(row, result)
         if self._on_result is not None:
