@@ -73,6 +73,9 @@ async def serve(
 def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args.config)
     logs.configure(config.log.level, config.log.format)
+    # The outbox's thread waits for the GIL after each SQLite call; with the default 5 ms switch
+    # interval a busy event loop keeps it waiting, and deliveries wait on its commits.
+    sys.setswitchinterval(0.0005)
     asyncio.run(serve(config, config_path=config_path(args.config)))
     return 0
 
