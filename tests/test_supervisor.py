@@ -84,7 +84,9 @@ async def test_an_invalid_file_on_reload_keeps_the_daemon_relaying(
     assert not await relay.supervisor.reload()
     assert relay.supervisor.last_reload_error is not None
     assert "drives[0].resourse: unknown key" in relay.supervisor.last_reload_error
-    assert relay.watcher("d1").status.state is DriveState.CONNECTED
+    await wait_until(
+        lambda: relay.watcher("d1").status.state is DriveState.CONNECTED, what="still connected"
+    )
     await emulator.emit("me")
     assert seqs(await wait_notifications(receiver, 1, name="a")) == [1]
     assert emulator.connects["me"] == 1

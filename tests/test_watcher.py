@@ -78,7 +78,9 @@ async def test_kicked_connection_comes_back_with_a_fresh_endpoint(
     await emulator.emit("me")
     assert seqs(await wait_notifications(receiver, 2)) == [1, 2]
     assert relay.watcher().status.reconnects == 1
-    assert relay.watcher().status.state is DriveState.CONNECTED
+    await wait_until(
+        lambda: relay.watcher().status.state is DriveState.CONNECTED, what="state connected"
+    )
 
 
 @pytest.mark.parametrize("behaviour", ["close", "quiet"])
