@@ -15,6 +15,7 @@ from support.waiting import wait_until
 from relayd import cli
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ScriptedResponse
+from relayd.watcher import DriveState
 
 ADMIN = {"listen": "127.0.0.1:0"}
 
@@ -44,7 +45,9 @@ async def test_healthz_and_readyz_follow_the_drives(
     status, body = await get(port, "/readyz")
     assert status == 503  # the drive is still reconnecting
     assert '"d1": "reconnecting"' in body or '"d1": "starting"' in body
-    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await wait_until(
+        lambda: relay.watcher().status.state is DriveState.CONNECTED, what="drive connected"
+    )
     status, body = await get(port, "/readyz")
     assert status == 200
     assert '"d1": "connected"' in body
