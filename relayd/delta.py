@@ -27,11 +27,10 @@ import structlog
 from relayd.auth import AuthError, TokenProvider
 from relayd.config import DriveConfig
 from relayd.events import changes_deliveries, resync_deliveries
-from relayd.graph import GraphClient, GraphError, InvalidGraphResponse
+from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, retry_delay
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 
-PAGE_RETRY_INITIAL = 1.0
-PAGE_RETRY_MAX = 60.0
+OUTBOX_RETRY = 1.0
 
 
 @dataclass(frozen=True)
@@ -197,11 +196,11 @@ class ChangeFeed:
                     await self._resync(error)
                     continue
                 attempt += 1
-                await self._pause_after(error, attempt, error.retry_after)
+                await self._pause_after(error, attempt)
                 continue
             except (AuthError, InvalidGraphResponse, OSError, TimeoutError) as error:
                 attempt += 1
-                await self._pause_after(error, attempt, None)
+                await self._pause_after(error, attempt)
                 continue
             attempt = 0
             deliveries = changes_deliveries(
@@ -231,7 +230,7 @@ class ChangeFeed:
                 return
             except OutboxError as exc:
                 self.log.error("cannot write to the outbox, retrying", error=str(exc))
-                await asyncio.sleep(PAGE_RETRY_INITIAL)
+                await asyncio.sleep(OUTBOX_RETRY)
 
     async def _resync(self, error: GraphError) -> None:
         """Graph dropped the cursor: start again where it says, and tell the receivers."""
@@ -247,12 +246,8 @@ class ChangeFeed:
         self.log.warning("delta cursor reset by Graph", code=error.code)
         await self._store(cursor, notice)
 
-    async def _pause_after(
-        self, error: BaseException, attempt: int, retry_after: float | None
-    ) -> None:
-        delay = min(PAGE_RETRY_MAX, PAGE_RETRY_INITIAL * 2 ** min(attempt - 1, 10))
-        if retry_after is not None:
-            delay = max(delay, retry_after)
+    async def _pause_after(self, error: BaseException, attempt: int) -> None:
+        delay = retry_delay(attempt, error)
         self.log.warning(
             "delta page failed; retrying from the same cursor",
             error=f"{type(error).__name__}: {error}",

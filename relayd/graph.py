@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -223,6 +224,34 @@ def parse_notification_event(payload: object) -> list[dict[str, Any]]:
     if not all(isinstance(item, dict) for item in items):
         raise MalformedNotification("'value' holds something that is not an object")
     return items
+
+
+BACKOFF_INITIAL = 1.0
+BACKOFF_MAX = 60.0
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    initial: float = BACKOFF_INITIAL,
+    cap: float = BACKOFF_MAX,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Exponential backoff with "equal jitter": half fixed, half random, capped; pure.
+
+    The random half spreads thousands of drives that lost their connections at the same moment.
+    """
+    base: float = min(cap, initial * 2.0 ** min(max(attempt - 1, 0), 30))
+    return base / 2 + rand() * base / 2
+
+
+def retry_delay(attempt: int, error: BaseException | None) -> float:
+    """How long to wait before asking Graph again after `attempt` failures: the backoff, or the
+    Retry-After Graph gave with the error, whichever is longer; pure."""
+    delay = backoff_delay(attempt)
+    if isinstance(error, GraphError) and error.retry_after is not None:
+        return max(delay, error.retry_after)
+    return delay
 
 
 TokenSource = Callable[[str | None], Awaitable[str]]

@@ -312,7 +312,8 @@ class Supervisor:
         )
 
     def _start_watcher(self, drive: DriveConfig) -> None:
-        assert self._group is not None and self._graph is not None and self.outbox is not None
+        assert self._group is not None and self._graph is not None and self._gate is not None
+        assert self.outbox is not None
         watcher = DriveWatcher(
             drive,
             graph=self._graph,

@@ -40,7 +40,9 @@ from relayd.graph import (
     InvalidGraphResponse,
     MalformedNotification,
     Subscription,
+    backoff_delay,
     parse_notification_event,
+    retry_delay,
 )
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 
@@ -52,8 +54,6 @@ RENEW_FLOOR = 5.0
 # ... and every 30 minutes when Graph gives no expiry at all.
 RENEW_WITHOUT_EXPIRY = 30 * 60.0
 
-BACKOFF_INITIAL = 1.0
-BACKOFF_MAX = 60.0
 NOT_SUPPORTED_RETRY = 15 * 60.0  # "this drive cannot be watched": ask again, rarely
 NEEDS_LOGIN_RETRY = 60.0  # an account waiting for `relayd login`
 HEALTHY_CONNECTION = 30.0  # a connection that lived this long resets the backoff
@@ -105,33 +105,14 @@ def renewal_delay(expires_at: datetime | None, now: datetime) -> float:
     return max(RENEW_FLOOR, max(remaining - RENEW_MARGIN, remaining / 2))
 
 
-def backoff_delay(
-    attempt: int,
-    *,
-    initial: float = BACKOFF_INITIAL,
-    cap: float = BACKOFF_MAX,
-    rand: Callable[[], float] = random.random,
-) -> float:
-    """Exponential backoff with "equal jitter": half fixed, half random, capped; pure.
-
-    The random half spreads thousands of drives that lost their connections at the same moment.
-    """
-    base: float = min(cap, initial * 2.0 ** min(max(attempt - 1, 0), 30))
-    return base / 2 + rand() * base / 2
-
-
 def connect_wait(state: RetryCallState) -> float:
     """tenacity wait: how long to wait after a failed attempt to fetch and connect."""
     error = state.outcome.exception() if state.outcome else None
-    delay = backoff_delay(state.attempt_number)
-    if isinstance(error, GraphError):
-        if error.not_supported:
-            return NOT_SUPPORTED_RETRY * (0.9 + 0.2 * random.random())
-        if error.retry_after is not None:
-            return max(delay, error.retry_after)
+    if isinstance(error, GraphError) and error.not_supported:
+        return NOT_SUPPORTED_RETRY * (0.9 + 0.2 * random.random())
     if isinstance(error, AuthError) and error.needs_login:
-        return max(delay, NEEDS_LOGIN_RETRY)
-    return delay
+        return max(backoff_delay(state.attempt_number), NEEDS_LOGIN_RETRY)
+    return retry_delay(state.attempt_number, error)
 
 
 def dedupe_key(item: Mapping[str, Any]) -> str:
@@ -208,7 +189,7 @@ class DriveWatcher:
         tokens: TokenProvider,
         outbox: Outbox,
         socket_session: aiohttp.ClientSession | None = None,
-        gate: ConnectGate | None = None,
+        gate: ConnectGate,
     ) -> None:
         self.drive = drive
         self.status = DriveStatus()
@@ -216,7 +197,7 @@ class DriveWatcher:
         self._tokens = tokens
         self._outbox = outbox
         self._socket_session = socket_session
-        self._gate = gate or ConnectGate(concurrency=1_000_000, rate=1e9)
+        self._gate = gate
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
             ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox)

@@ -4,14 +4,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from relayd.watcher import (
-    BACKOFF_MAX,
-    RENEW_FLOOR,
-    RENEW_WITHOUT_EXPIRY,
-    backoff_delay,
-    dedupe_key,
-    renewal_delay,
-)
+from relayd.graph import BACKOFF_MAX, backoff_delay
+from relayd.watcher import RENEW_FLOOR, RENEW_WITHOUT_EXPIRY, dedupe_key, renewal_delay
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
