@@ -25,7 +25,7 @@ from relayd import logs
 from relayd.config import Config, parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.supervisor import Supervisor
-from relayd.watcher import DriveWatcher
+from relayd.watcher import DriveState, DriveWatcher
 
 TOKEN = "test-token"
 
@@ -65,6 +65,18 @@ class Relay:
 
     def watcher(self, drive: str = "d1") -> DriveWatcher:
         return self.supervisor.watchers[drive]
+
+    async def connected(self, drive: str = "d1", timeout: float = 10.0) -> None:
+        """Wait until the drive's watcher itself is CONNECTED.
+
+        The emulator counts a client as connected before the client has read the
+        server's handshake answer; a test that then cuts the line must wait for this.
+        """
+        await wait_until(
+            lambda: self.watcher(drive).status.state is DriveState.CONNECTED,
+            timeout=timeout,
+            what=f"{drive} connected",
+        )
 
     async def stop(self, timeout: float = 15.0) -> None:
         self.shutdown.set()

@@ -59,7 +59,7 @@ async def test_metrics_name_every_series(
     receiver.script("hook", [ScriptedResponse(status=500)])
     relay = await start_relay(admin=ADMIN)
     assert relay.supervisor.admin is not None
-    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await relay.connected()
     await emulator.emit("me", 3)
     await emulator.emit("me", raw="garbage")
     await emulator.kick("me")

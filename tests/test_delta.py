@@ -123,7 +123,7 @@ async def test_changes_made_while_disconnected_arrive_after_the_reconnect(
     emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
     relay = await start_relay(drives=changes_drive())
-    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await relay.connected()
     emulator.inject_error("me", 503, "serviceNotAvailable", count=2)  # keep it away a while
     await emulator.kick("me")
     await wait_until(lambda: emulator.connected("me") == 0, what="disconnected")

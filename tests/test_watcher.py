@@ -67,7 +67,7 @@ async def test_kicked_connection_comes_back_with_a_fresh_endpoint(
     emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
     relay = await start_relay()
-    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    await relay.connected()
     await emulator.emit("me")
     await wait_notifications(receiver, 1)
     await emulator.kick("me")
@@ -108,8 +108,8 @@ async def test_renewal_before_a_short_expiry_loses_nothing(
 async def test_expired_and_closed_connection_is_replaced(
     emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
-    await start_relay()
-    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
+    relay = await start_relay()
+    await relay.connected()
     await emulator.expire("me")
     await wait_until(lambda: emulator.connects["me"] == 2, what="reconnected after expiry")
     await wait_until(lambda: emulator.connected("me", include_expired=False) == 1, what="live")
@@ -126,7 +126,7 @@ async def test_silence_past_ping_timeout_means_reconnect(
             graph.push_base_url = f"http://127.0.0.1:{proxy.port}"
             proxied = {"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
             relay = await start_relay(relay_config(tmp_path, graph, receiver, graph=proxied))
-            await wait_until(lambda: graph.connected("me") == 1, what="connected")
+            await relay.connected()
             proxy.freeze()  # no close, no ping: just silence
             await wait_until(
                 lambda: relay.watcher().status.reconnects == 1, timeout=5, what="silence noticed"
