@@ -4,15 +4,23 @@ A Socket.IO notification cannot be asked for again, so each one is written to SQ
 fsync on commit) as the exact body bytes that will be POSTed, one row per (notification, webhook).
 Dispatchers deliver from here, and what exhausts its retries stays here as a dead letter for replay.
 
-All access goes through one thread that owns the connection. Operations queue up while a commit
-is under way and the next commit takes all of them in one transaction (group commit), so an fsync
-is shared by every notification, claim and result that arrived in the meantime. Each operation
-runs in its own savepoint: one that fails does not undo the others.
+One writer task owns the connection. Operations queue up while a commit is under way and the
+next commit takes all of them in one transaction (group commit), so an fsync is shared by every
+notification, claim and result that arrived in the meantime. An operation that fails is undone
+alone: the batch is then run again with a savepoint around each operation.
+
+Where a transaction runs is chosen by what it may wait for. One that must be fsynced (new rows),
+that may scan the whole table (status, prune) or that must wait for a lock held by a CLI command
+runs in the outbox's thread. The small, frequent rest (claims, attempt results) commits without
+an fsync in a few tens of microseconds, and runs on the event loop itself: handing it to a thread
+and back would cost several times the work. WAL checkpoints, which do fsync, run in the thread
+too, never as a side effect of a commit on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +33,11 @@ from typing import Any, Protocol, Self, TypeVar
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
+
+# Rows changed (inserted, updated, deleted) between two WAL checkpoints: a few MiB of WAL at
+# relayd's row sizes, about what SQLite's own default of 1,000 pages allows.
+CHECKPOINT_AFTER_CHANGES = 2000
+LOCK_WAIT_MS = 10_000  # how long a transaction in the thread waits for a CLI command's write
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -47,7 +60,12 @@ CREATE TABLE IF NOT EXISTS deliveries (
     finished      REAL
 );
 CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (webhook, state, next_attempt, id);
-CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (state, finished);
+-- Finished rows only (delivered, dead: `finished` is set exactly then), for prune and for listing
+-- dead letters. Queued rows stay out of it, so inserting, claiming and most state changes of a
+-- row in flight cost no write to this index. Replaces deliveries_finished, which held every row.
+DROP INDEX IF EXISTS deliveries_finished;
+CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (state, finished)
+    WHERE finished IS NOT NULL;
 CREATE TABLE IF NOT EXISTS drives (
     name          TEXT    PRIMARY KEY,
     resource      TEXT    NOT NULL,
@@ -125,6 +143,8 @@ class Filter:
         if self.state is not None:
             clauses.append("state = ?")
             params.append(self.state.value)
+            if self.state in (State.DELIVERED, State.DEAD):
+                clauses.append("finished IS NOT NULL")  # always true: lets deliveries_done serve
         if self.since is not None:
             clauses.append("created >= ?")
             params.append(self.since)
@@ -254,8 +274,11 @@ class Outbox:
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
         self._durable_queued = False  # some queued operation needs its commit fsynced
+        self._heavy_queued = False  # some queued operation may take long: not on the loop
+        self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
+        self.checkpoints = 0  # WAL checkpoints the writer ran
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -296,7 +319,7 @@ class Outbox:
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from None
         try:
-            connection.execute("PRAGMA busy_timeout = 10000")  # a CLI command may hold a write
+            connection.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")  # a CLI may hold a write
             # Before anything writes to the file (switching to WAL does).
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -309,6 +332,9 @@ class Outbox:
                 raise OutboxError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
             # FULL: a committed notification survives power loss, not only a killed process.
             connection.execute("PRAGMA synchronous = FULL")
+            # Checkpoints fsync: the writer runs them in the thread (see _checkpoint), so that
+            # none happens inside a commit made on the event loop.
+            connection.execute("PRAGMA wal_autocheckpoint = 0")
             connection.execute("BEGIN IMMEDIATE")  # proves the file is writable, now, not later
             # Not executescript(): it would commit the transaction opened above.
             for statement in SCHEMA.split(";"):
@@ -321,6 +347,9 @@ class Outbox:
                     (State.PENDING.value, State.INFLIGHT.value),
                 )
             connection.execute("COMMIT")
+            # From here on a transaction on the loop never waits for a lock: it moves to the
+            # thread instead (see _commit).
+            connection.execute("PRAGMA busy_timeout = 0")
         except sqlite3.DatabaseError as exc:
             connection.close()
             raise OutboxError(f"{self.path}: not a usable SQLite outbox: {exc}") from None
@@ -340,7 +369,11 @@ class Outbox:
     # -- group commit ----------------------------------------------------------------------------
 
     async def _submit(
-        self, operation: Callable[[sqlite3.Connection], T], *, durable: bool = False
+        self,
+        operation: Callable[[sqlite3.Connection], T],
+        *,
+        durable: bool = False,
+        heavy: bool = False,
     ) -> T:
         """Run `operation` in the next group commit.
 
@@ -348,13 +381,14 @@ class Outbox:
         rest (claims, attempt results) need not survive a power cut: a lost "in flight" mark is
         recovered at start, a lost "delivered" mark means one more delivery, which receivers
         dedupe on webhook-id. WAL keeps commits in order either way, and the next fsync covers
-        every commit before it.
+        every commit before it. `heavy` operations may read or change much of the table.
         """
         if self._closing or self._writer is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._queue.append((operation, future))
         self._durable_queued = self._durable_queued or durable
+        self._heavy_queued = self._heavy_queued or heavy
         self._wake.set()
         return await future
 
@@ -368,18 +402,44 @@ class Outbox:
                 continue
             batch, self._queue = self._queue, []
             durable, self._durable_queued = self._durable_queued, False
-            await self._commit(batch, durable)
+            heavy, self._heavy_queued = self._heavy_queued, False
+            await self._commit(batch, durable=durable, in_thread=durable or heavy)
+            if self._changes() - self._checkpointed_at >= CHECKPOINT_AFTER_CHANGES:
+                # Shielded like a commit: the thread finishes it whatever happens here.
+                await asyncio.shield(self._call(self._checkpoint))
+
+    def _changes(self) -> int:
+        return self._connection.total_changes if self._connection is not None else 0
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL back into the database file, so that it stops growing.
+
+        PASSIVE never waits for a lock; what it cannot copy now, the next one does. A failure
+        loses nothing (the WAL still holds every commit) and is retried after as many changes
+        again.
+        """
+        self._checkpointed_at = self._changes()
+        if self._connection is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.checkpoints += 1
 
     async def _commit(
-        self, batch: list[tuple[Operation, asyncio.Future[Any]]], durable: bool
+        self,
+        batch: list[tuple[Operation, asyncio.Future[Any]]],
+        *,
+        durable: bool,
+        in_thread: bool,
     ) -> None:
         operations = [operation for operation, _ in batch]
         try:
-            # Shielded: a cancelled writer must still learn how the transaction ended, so that no
-            # caller is told "written" for a row that is not, or the reverse.
-            outcomes = await asyncio.shield(
-                self._call(lambda: self._run_batch(operations, durable))
-            )
+            outcomes = None if in_thread else self._run_batch(operations, False, wait=False)
+            if outcomes is None:  # in the thread, or on the loop but a CLI command holds the lock
+                # Shielded: a cancelled writer must still learn how the transaction ended, so
+                # that no caller is told "written" for a row that is not, or the reverse.
+                outcomes = await asyncio.shield(
+                    self._call(lambda: self._run_batch_waiting(operations, durable))
+                )
         except Exception as exc:
             # A failed commit (disk full, say) fails this batch only: its callers still hold
             # their rows and try again, and the next batch may well succeed.
@@ -397,7 +457,21 @@ class Outbox:
             else:
                 future.set_exception(value)
 
-    def _run_batch(self, operations: Sequence[Operation], durable: bool) -> list[tuple[bool, Any]]:
+    def _run_batch_waiting(
+        self, operations: Sequence[Operation], durable: bool
+    ) -> list[tuple[bool, Any]]:
+        outcomes = self._run_batch(operations, durable, wait=True)
+        assert outcomes is not None  # waiting, a lock still held is an error, not None
+        return outcomes
+
+    def _run_batch(
+        self, operations: Sequence[Operation], durable: bool, *, wait: bool
+    ) -> list[tuple[bool, Any]] | None:
+        """One transaction for the batch, fsynced if `durable`.
+
+        `wait`: wait up to LOCK_WAIT_MS for another process's write lock (only in the thread).
+        Without it, a held lock returns None at once and nothing has happened.
+        """
         connection = self._connection
         if connection is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
@@ -405,15 +479,29 @@ class Outbox:
             if durable != self._synchronous_full:
                 connection.execute(f"PRAGMA synchronous = {'FULL' if durable else 'NORMAL'}")
                 self._synchronous_full = durable
-            connection.execute("BEGIN IMMEDIATE")
+            if wait:
+                connection.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")
+                try:
+                    connection.execute("BEGIN IMMEDIATE")
+                finally:
+                    connection.execute("PRAGMA busy_timeout = 0")
+            else:
+                try:
+                    connection.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                        return None
+                    raise
+            # One savepoint for the batch: undoing it keeps the write lock, which a ROLLBACK
+            # would give up (and on the loop, nothing may wait to take it again).
+            connection.execute("SAVEPOINT batch")
             try:
                 # The usual case: every operation succeeds, one transaction, nothing else.
                 outcomes: list[tuple[bool, Any]] = [(True, op(connection)) for op in operations]
             except Exception:
                 # Something failed: start again with a savepoint around each operation, so that
                 # only the failing one is undone and told so.
-                connection.execute("ROLLBACK")
-                connection.execute("BEGIN IMMEDIATE")
+                connection.execute("ROLLBACK TO batch")
                 outcomes = [self._isolated(connection, op) for op in operations]
             connection.execute("COMMIT")
             self.commits += 1
@@ -575,7 +663,7 @@ class Outbox:
             )
             return cursor.rowcount
 
-        return int(await self._submit(delete))
+        return int(await self._submit(delete, heavy=True))
 
     async def backlog(self) -> tuple[dict[str, int], dict[str, float]]:
         """Rows waiting (pending or in flight) per webhook, and the oldest one's creation time.
@@ -594,7 +682,7 @@ class Outbox:
                 oldest[webhook] = created
             return counts, oldest
 
-        return await self._submit(query)
+        return await self._submit(query, heavy=True)
 
     async def drive_state(self, name: str) -> tuple[str, str | None] | None:
         """(resource, delta cursor) remembered for a drive, or None for a drive never seen."""
@@ -654,7 +742,7 @@ class Outbox:
             )
             return Summary(counts=counts, oldest_pending=oldest)
 
-        return await self._submit(query)
+        return await self._submit(query, heavy=True)
 
     async def rows(self, selection: Filter = Filter(), *, limit: int = 100) -> list[dict[str, Any]]:
         """Rows without their bodies, newest first, for `relayd outbox list`."""
@@ -670,7 +758,7 @@ class Outbox:
             names = [column[0] for column in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor]
 
-        return await self._submit(query)
+        return await self._submit(query, heavy=True)
 
     async def replay(self, selection: Filter) -> int:
         """Put dead rows back in the queue, due now, with a fresh max_age and backoff.
@@ -683,7 +771,8 @@ class Outbox:
         def update(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "UPDATE deliveries SET state = ?, next_attempt = ?, retry_from = ?,"
-                f" finished = NULL, attempts = 0 WHERE {where} AND state = ?",
+                f" finished = NULL, attempts = 0 WHERE {where} AND state = ?"
+                " AND finished IS NOT NULL",
                 [State.PENDING.value, now, now, *params, State.DEAD.value],
             )
             return cursor.rowcount
@@ -696,8 +785,10 @@ class Outbox:
 
         def delete(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
-                f"DELETE FROM deliveries WHERE {where} AND state IN ('dead', 'delivered')", params
+                f"DELETE FROM deliveries WHERE {where} AND state IN ('dead', 'delivered')"
+                " AND finished IS NOT NULL",
+                params,
             )
             return cursor.rowcount
 
-        return int(await self._submit(delete))
+        return int(await self._submit(delete, heavy=True))

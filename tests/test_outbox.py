@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from relayd.outbox import (
+    LOCK_WAIT_MS,
     AttemptResult,
     Delivery,
     Filter,
@@ -129,6 +131,66 @@ async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: 
     await store.close()
     with pytest.raises(OutboxError, match="closed"):
         await store.add([new(1)])
+
+
+# -- where transactions run ---------------------------------------------------------------------
+
+
+async def test_a_cli_holding_the_write_lock_delays_a_claim_without_blocking_the_loop(
+    outbox: Outbox, path: Path
+) -> None:
+    await outbox.add([new(1)])
+    cli = sqlite3.connect(path, isolation_level=None)
+    try:
+        cli.execute("BEGIN IMMEDIATE")  # what `relayd outbox replay` holds while it works
+        claim = asyncio.create_task(outbox.claim("hook", 10))
+        started = time.monotonic()
+        for _ in range(20):  # the writer takes its turn, and the loop goes on turning
+            await asyncio.sleep(0)
+        # The claim found the lock taken and went to wait in the outbox's thread: the event loop
+        # (every drive's socket) did not wait with it.
+        assert time.monotonic() - started < LOCK_WAIT_MS / 1000 / 2
+        assert not claim.done()
+        cli.execute("COMMIT")
+        assert [row.id for row in await asyncio.wait_for(claim, 5)] == [1]
+    finally:
+        cli.close()
+
+
+async def test_the_wal_is_copied_back_as_rows_change_so_it_stops_growing(
+    outbox: Outbox, path: Path
+) -> None:
+    wal = path.with_name(path.name + "-wal")
+    body = b"x" * 1024
+    written = 0
+    for batch in range(60):
+        await outbox.add(
+            [NewDelivery(f"msg_{batch}_{n}", "hook", "d1", body, T0) for n in range(200)]
+        )
+        claimed = await outbox.claim("hook", 200)
+        await outbox.record(result(row, State.DELIVERED) for row in claimed)
+        written += 3 * len(claimed) * len(body)  # each row written three times, at least
+
+    assert outbox.checkpoints >= 5
+    # Without checkpoints the WAL holds every version of every row; with them it is reused.
+    assert wal.stat().st_size < written / 4
+
+
+async def test_a_store_indexed_by_an_older_relayd_is_upgraded_in_place(path: Path) -> None:
+    async with Outbox(path) as older:
+        await older.add([new(1)])
+    connection = sqlite3.connect(path)
+    connection.execute("DROP INDEX deliveries_done")
+    connection.execute("CREATE INDEX deliveries_finished ON deliveries (state, finished)")
+    connection.commit()
+    connection.close()
+
+    async with Outbox(path) as store:
+        assert (await store.summary()).counts == {("hook", State.PENDING): 1}
+    indexes = on_disk(
+        path, "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'deliveries%'"
+    )
+    assert sorted(indexes) == [("deliveries_done",), ("deliveries_queue",)]
 
 
 # -- claiming -----------------------------------------------------------------------------------
