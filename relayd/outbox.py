@@ -38,6 +38,10 @@ Operation = Callable[[sqlite3.Connection], Any]
 # relayd's row sizes, about what SQLite's own default of 1,000 pages allows.
 CHECKPOINT_AFTER_CHANGES = 2000
 LOCK_WAIT_MS = 10_000  # how long a transaction in the thread waits for a CLI command's write
+# Attempt results nobody waits on may wait this long (or for this many to queue, or for any other
+# operation) to share a commit, rather than each take one of its own.
+DEFER_SECONDS = 0.005
+DEFER_MAX = 32
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -275,6 +279,8 @@ class Outbox:
         self._closing = False
         self._durable_queued = False  # some queued operation needs its commit fsynced
         self._heavy_queued = False  # some queued operation may take long: not on the loop
+        self._flush_now = False  # the queue holds an operation that should not wait
+        self._flush_timer: asyncio.TimerHandle | None = None  # ends a deferred operation's wait
         self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
@@ -374,6 +380,7 @@ class Outbox:
         *,
         durable: bool = False,
         heavy: bool = False,
+        deferrable: bool = False,
     ) -> T:
         """Run `operation` in the next group commit.
 
@@ -382,6 +389,7 @@ class Outbox:
         recovered at start, a lost "delivered" mark means one more delivery, which receivers
         dedupe on webhook-id. WAL keeps commits in order either way, and the next fsync covers
         every commit before it. `heavy` operations may read or change much of the table.
+        `deferrable` ones wait up to DEFER_SECONDS for company (see `record`).
         """
         if self._closing or self._writer is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
@@ -389,17 +397,29 @@ class Outbox:
         self._queue.append((operation, future))
         self._durable_queued = self._durable_queued or durable
         self._heavy_queued = self._heavy_queued or heavy
-        self._wake.set()
+        if not deferrable or len(self._queue) >= DEFER_MAX:
+            self._flush()
+        elif self._flush_timer is None:
+            self._flush_timer = asyncio.get_running_loop().call_later(DEFER_SECONDS, self._flush)
         return await future
+
+    def _flush(self) -> None:
+        """Commit what is queued as soon as the writer can."""
+        self._flush_now = True
+        self._wake.set()
 
     async def _write_loop(self) -> None:
         while True:
-            if not self._queue:
-                if self._closing:
-                    return
+            if not self._queue and self._closing:
+                return
+            if not (self._queue and (self._flush_now or self._closing)):
                 await self._wake.wait()
                 self._wake.clear()
                 continue
+            self._flush_now = False
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
             batch, self._queue = self._queue, []
             durable, self._durable_queued = self._durable_queued, False
             heavy, self._heavy_queued = self._heavy_queued, False
@@ -640,7 +660,10 @@ class Outbox:
                 rows,
             )
 
-        await self._submit(update)
+        # Deferrable: the dispatcher's slot is already free and nothing waits on this commit
+        # except the attempt's own task. A claim (an ordered webhook's next one included) or a
+        # new notification commits it at once, along with itself.
+        await self._submit(update, deferrable=True)
 
     async def release(self, ids: Iterable[int]) -> None:
         """Put claimed rows back untouched (a shutdown interrupted their attempt)."""

@@ -271,6 +271,32 @@ async def test_next_due_of_an_ordered_queue_is_when_its_head_can_go(
     assert await outbox.next_due("nobody", ordered=True) is None
 
 
+async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Outbox) -> None:
+    await outbox.add([new(n) for n in range(10)])
+    claimed = await outbox.claim("hook", 10)
+    before = outbox.commits
+
+    recorded = []
+    for row in claimed:  # each answer in its own turn of the loop, as POST answers come back
+        recorded.append(asyncio.create_task(outbox.record([result(row, State.DELIVERED)])))
+        await asyncio.sleep(0)
+    await asyncio.wait_for(asyncio.gather(*recorded), 5)
+
+    assert outbox.commits - before <= 2
+    assert (await outbox.summary()).counts == {("hook", State.DELIVERED): 10}
+
+
+async def test_a_claim_commits_the_results_waiting_before_it(outbox: Outbox) -> None:
+    await outbox.add([new(1), new(2)])
+    [head] = await outbox.claim("hook", 10, ordered=True)
+    recorded = asyncio.create_task(outbox.record([result(head, State.DELIVERED)]))
+    await asyncio.sleep(0)  # the result is queued, waiting for company
+    # The ordered queue's next claim sees the head delivered, in the same commit.
+    [second] = await outbox.claim("hook", 10, ordered=True)
+    assert recorded.done()
+    assert second.message_id == "msg_hook_d1_2"
+
+
 async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
     outbox: Outbox, path: Path, clock: Clock
 ) -> None:
