@@ -9,18 +9,20 @@ next commit takes all of them in one transaction (group commit), so an fsync is 
 notification, claim and result that arrived in the meantime. An operation that fails is undone
 alone: the batch is then run again with a savepoint around each operation.
 
-Where a transaction runs is chosen by what it may wait for. One that must be fsynced (new rows),
-that may scan the whole table (status, prune) or that must wait for a lock held by a CLI command
-runs in the outbox's thread. The small, frequent rest (claims, attempt results) commits without
-an fsync in a few tens of microseconds, and runs on the event loop itself: handing it to a thread
-and back would cost several times the work. WAL checkpoints, which do fsync, run in the thread
-too, never as a side effect of a commit on the loop.
+Where a transaction runs is chosen by what it may wait for. Small ones (new notifications,
+claims, attempt results) take a few tens of microseconds of SQLite and run on the event loop
+itself: handing each to a thread and back would cost several times the work. What may wait runs
+in the outbox's thread: an fsync (a durable commit made on the loop is fsynced there before
+anyone hears "written"), a transaction that may touch much of the table (status, prune, replay,
+a large delta page), one that must wait for a lock held by a CLI command, and WAL checkpoints,
+which never happen as a side effect of a commit on the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -41,6 +43,9 @@ LOCK_WAIT_MS = 10_000  # how long a transaction in the thread waits for a CLI co
 # Attempt results nobody waits on may wait this long (or for this many to queue, or for any other
 # operation) to share a commit, rather than each take one of its own.
 DEFER_SECONDS = 0.005
+# New rows inserted at once beyond which the commit runs in the thread (a delta page can be
+# hundreds of items): the loop never stalls for more than a few milliseconds.
+INLINE_ROWS = 64
 DEFER_MAX = 32
 
 SCHEMA_VERSION = 1
@@ -282,6 +287,7 @@ class Outbox:
         self._flush_now = False  # the queue holds an operation that should not wait
         self._flush_timer: asyncio.TimerHandle | None = None  # ends a deferred operation's wait
         self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
+        self._wal_fd = -1  # the WAL file, for the fsync after a durable commit made on the loop
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
         self.checkpoints = 0  # WAL checkpoints the writer ran
@@ -356,6 +362,10 @@ class Outbox:
             # From here on a transaction on the loop never waits for a lock: it moves to the
             # thread instead (see _commit).
             connection.execute("PRAGMA busy_timeout = 0")
+            self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except OSError as exc:
+            connection.close()
+            raise OutboxError(f"{self.path}: cannot open the outbox's WAL: {exc}") from None
         except sqlite3.DatabaseError as exc:
             connection.close()
             raise OutboxError(f"{self.path}: not a usable SQLite outbox: {exc}") from None
@@ -364,10 +374,23 @@ class Outbox:
             raise
         self._connection = connection
 
+    def _sync_wal(self) -> None:
+        """fsync the WAL: what `synchronous = FULL` does at the end of each commit.
+
+        A commit with `synchronous = NORMAL` has written its frames to the WAL (it survives a
+        killed process), and syncing the file then makes it survive a power cut too. SQLite
+        never replaces the WAL file while a connection (ours) holds the database open.
+        """
+        try:
+            os.fsync(self._wal_fd)
+        except OSError as exc:
+            raise OutboxError(f"{self.path}: cannot sync the outbox to disk: {exc}") from None
+
     def _close_connection(self) -> None:
         assert self._connection is not None
         self._connection.close()
         self._connection = None
+        os.close(self._wal_fd)
 
     async def _call(self, function: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function)
@@ -423,7 +446,7 @@ class Outbox:
             batch, self._queue = self._queue, []
             durable, self._durable_queued = self._durable_queued, False
             heavy, self._heavy_queued = self._heavy_queued, False
-            await self._commit(batch, durable=durable, in_thread=durable or heavy)
+            await self._commit(batch, durable=durable, in_thread=heavy)
             if self._changes() - self._checkpointed_at >= CHECKPOINT_AFTER_CHANGES:
                 # Shielded like a commit: the thread finishes it whatever happens here.
                 await asyncio.shield(self._call(self._checkpoint))
@@ -454,12 +477,15 @@ class Outbox:
         operations = [operation for operation, _ in batch]
         try:
             outcomes = None if in_thread else self._run_batch(operations, False, wait=False)
+            # Shielded: a cancelled writer must still learn how the transaction ended, so that no
+            # caller is told "written" for a row that is not, or the reverse.
             if outcomes is None:  # in the thread, or on the loop but a CLI command holds the lock
-                # Shielded: a cancelled writer must still learn how the transaction ended, so
-                # that no caller is told "written" for a row that is not, or the reverse.
                 outcomes = await asyncio.shield(
                     self._call(lambda: self._run_batch_waiting(operations, durable))
                 )
+            elif durable:
+                # Committed on the loop without an fsync; nobody hears "written" before it.
+                await asyncio.shield(self._call(self._sync_wal))
         except Exception as exc:
             # A failed commit (disk full, say) fails this batch only: its callers still hold
             # their rows and try again, and the next batch may well succeed.
@@ -565,7 +591,9 @@ class Outbox:
             return handed
 
         try:
-            handed = await self._submit(insert, durable=True)
+            handed = await self._submit(
+                insert, durable=True, heavy=len(deliveries) + int(also is not None) > INLINE_ROWS
+            )
         except BaseException:
             plan.announce(self._router, None)  # give the reservations back
             raise
@@ -800,7 +828,7 @@ class Outbox:
             )
             return cursor.rowcount
 
-        return int(await self._submit(update, durable=True))
+        return int(await self._submit(update, durable=True, heavy=True))
 
     async def purge(self, selection: Filter) -> int:
         """Delete the selected rows that are finished (dead or delivered); never queued ones."""
