@@ -43,10 +43,10 @@ LOCK_WAIT_MS = 10_000  # how long a transaction in the thread waits for a CLI co
 # Attempt results nobody waits on may wait this long (or for this many to queue, or for any other
 # operation) to share a commit, rather than each take one of its own.
 DEFER_SECONDS = 0.005
+DEFER_MAX = 32
 # New rows inserted at once beyond which the commit runs in the thread (a delta page can be
 # hundreds of items): the loop never stalls for more than a few milliseconds.
 INLINE_ROWS = 64
-DEFER_MAX = 32
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -384,6 +384,9 @@ class Outbox:
         try:
             os.fsync(self._wal_fd)
         except OSError as exc:
+            # The rows are committed but perhaps not on disk. Their callers hear that the write
+            # failed and write them again (a copy keeps its webhook-id, which receivers dedupe
+            # on) rather than trust a disk that failed an fsync.
             raise OutboxError(f"{self.path}: cannot sync the outbox to disk: {exc}") from None
 
     def _close_connection(self) -> None:
