@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import TOKEN, StartRelay, relay_config, seqs, wait_notifications
 from support.proxy import FreezableProxy
-from support.waiting import wait_until
+from support.waiting import stays_true, wait_until
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.watcher import DriveState
@@ -142,6 +142,27 @@ async def test_silence_past_ping_timeout_means_reconnect(
             await wait_until(lambda: graph.connects["me"] >= 2, what="second connect")
             await graph.emit("me")
             assert seqs(await wait_notifications(receiver, 1)) == [1]
+
+
+async def test_a_quiet_connection_answers_pings_and_stays_up(
+    tmp_path: Path, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    # Pings every 0.5 s, 0.5 s to answer: a missed pong ends the connection within a second. Seven
+    # seconds of nothing else also outlast python-engineio's own write loop, which gave up after
+    # a ping interval plus five seconds with nothing queued (pongs no longer pass through it).
+    async with GraphEmulator(tokens=[TOKEN], ping_interval=0.5, ping_timeout=0.5) as graph:
+        relay = await start_relay(relay_config(tmp_path, graph, receiver))
+        await relay.connected()
+        await stays_true(
+            lambda: (
+                relay.watcher().status.state is DriveState.CONNECTED and graph.connects["me"] == 1
+            ),
+            seconds=7,
+            what="the first connection",
+        )
+        await graph.emit("me")
+        assert seqs(await wait_notifications(receiver, 1)) == [1]
+        assert relay.watcher().status.reconnects == 0
 
 
 async def test_401_refreshes_the_token_once_and_carries_on(

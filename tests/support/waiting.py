@@ -27,3 +27,12 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def stays_true(condition: Callable[[], object], *, seconds: float, what: str) -> None:
+    """Check `condition` every 10 ms for `seconds`; fail the moment it is false."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            raise AssertionError(f"{what} stopped holding")
+        await asyncio.sleep(0.01)
