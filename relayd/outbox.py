@@ -183,6 +183,16 @@ _INSERT = (
 _ROW_COLUMNS = "id, message_id, webhook, drive, body, created, retry_from, attempts"
 
 
+def _busy(exc: BaseException) -> bool:
+    """SQLite could not take a lock another connection holds (SQLITE_BUSY and its variants)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and code is not None
+        and code & 0xFF == sqlite3.SQLITE_BUSY
+    )
+
+
 def _values(d: NewDelivery, state: State) -> tuple[Any, ...]:
     return (d.message_id, d.webhook, d.drive, d.body, d.created, d.created, state, d.created)
 
@@ -538,7 +548,7 @@ class Outbox:
                 try:
                     connection.execute("BEGIN IMMEDIATE")
                 except sqlite3.OperationalError as exc:
-                    if exc.sqlite_errorcode == sqlite3.SQLITE_BUSY:
+                    if _busy(exc):
                         return None
                     raise
             # One savepoint for the batch: undoing it keeps the write lock, which a ROLLBACK
@@ -547,7 +557,12 @@ class Outbox:
             try:
                 # The usual case: every operation succeeds, one transaction, nothing else.
                 outcomes: list[tuple[bool, Any]] = [(True, op(connection)) for op in operations]
-            except Exception:
+            except Exception as exc:
+                if not wait and _busy(exc):
+                    # Another process holds a lock (SQLite recovering the WAL, say): undo it all
+                    # and run the batch again in the thread, where waiting is allowed.
+                    connection.execute("ROLLBACK")
+                    return None
                 # Something failed: start again with a savepoint around each operation, so that
                 # only the failing one is undone and told so.
                 connection.execute("ROLLBACK TO batch")
