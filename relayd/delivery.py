@@ -181,7 +181,16 @@ class Dispatcher:
         """Deliver until `stop()`; then give attempts under way `grace` seconds to finish."""
         try:
             while not self._stopping:
-                await self._fill()
+                try:
+                    await self._fill()
+                except OutboxError as exc:
+                    # The store could not hand out rows (a disk error, a lock held too long).
+                    # They stay where they are and the next look may well succeed: delivery to
+                    # this webhook waits, it does not end (which would end the daemon).
+                    self._log.error("cannot read the outbox, retrying", error=str(exc))
+                    self._store_has_due = True
+                    await asyncio.sleep(RECORD_RETRY)
+                    continue
                 if self._stopping:
                     break
                 await self._idle()
@@ -235,7 +244,7 @@ class Dispatcher:
         unstarted = [row.id for row in self._ready]
         self._ready.clear()
         if unstarted:
-            await self._outbox.release(unstarted)
+            await self._release(unstarted)
         if not self._in_flight:
             return
         under_way = dict(self._in_flight)
@@ -247,7 +256,15 @@ class Dispatcher:
         # Cancelled attempts leave their rows in flight; put them back now so that
         # `outbox status` tells the truth (the next start would do it anyway). Rows whose result
         # was already recorded are left alone: release only touches rows still in flight.
-        await self._outbox.release(under_way[task] for task in late)
+        await self._release([under_way[task] for task in late])
+
+    async def _release(self, ids: list[int]) -> None:
+        try:
+            await self._outbox.release(ids)
+        except OutboxError as exc:
+            # They stay marked in flight in the store, which the next start puts back in the
+            # queue: nothing is lost, `outbox status` is only wrong until then.
+            self._log.error("cannot put unsent rows back in the queue", error=str(exc))
 
     async def _deliver(self, row: Delivery) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from conftest import Relay, StartRelay, seqs
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
+from structlog.testing import capture_logs
 from support.delivery_helpers import (
     FAST_RETRY,
     count,
@@ -20,6 +22,7 @@ from support.delivery_helpers import (
 )
 from support.waiting import eventually, wait_until
 
+import relayd.outbox
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse
 from relayd.outbox import Filter, Outbox, State
@@ -44,6 +47,13 @@ def by_message(requests: list[ReceivedRequest]) -> dict[str, list[ReceivedReques
     for request in requests:
         grouped[request.headers["webhook-id"]].append(request)
     return grouped
+
+
+def delivered(receiver: WebhookReceiver, name: str = "hook") -> set[str]:
+    """The webhook-ids the receiver answered with 200."""
+    return {
+        r.headers["webhook-id"] for r in receiver.requests if r.name == name and r.status == 200
+    }
 
 
 def on(receiver: WebhookReceiver, name: str) -> list[ReceivedRequest]:
@@ -125,6 +135,38 @@ async def test_max_age_turns_a_retrying_notification_into_a_dead_letter(
     assert row["attempts"] == len(receiver.requests) >= 3
     # Attempts stop within max_age of receipt.
     assert receiver.requests[-1].at - receiver.requests[0].at < 1.5
+
+
+async def test_a_store_that_cannot_hand_out_rows_delays_delivery_without_ending_it(
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relayd.outbox, "LOCK_WAIT_MS", 100)  # give up on a held lock quickly
+    receiver.set_default("hook", ScriptedResponse(503))
+    relay = await start_relay()
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me", 3)
+    await wait_until(lambda: len(receiver.requests) >= 3, what="a first failed attempt of each")
+
+    # Another process holds the store's write lock longer than relayd waits for it: the retries
+    # coming due cannot be claimed.
+    other = sqlite3.connect(outbox.path, isolation_level=None)
+    try:
+        with capture_logs() as logged:
+            other.execute("BEGIN IMMEDIATE")
+            receiver.set_default("hook", ScriptedResponse(200))
+            await wait_until(
+                lambda: any(e["event"] == "cannot read the outbox, retrying" for e in logged),
+                what="the failed claim logged",
+            )
+            other.execute("COMMIT")
+    finally:
+        other.close()
+
+    await wait_until(lambda: len(delivered(receiver)) == 3, what="every notification delivered")
+    assert not relay.task.done()  # the daemon kept running throughout
 
 
 # -- what an answer means -----------------------------------------------------------------------
