@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import sqlite3
 import threading
 import time
@@ -122,6 +124,28 @@ async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
         ("msg_hook_d1_1",),
         ("msg_hook_d1_2",),
     ]
+
+
+async def test_a_failed_fsync_fails_the_write_naming_the_file_and_the_next_one_works(
+    outbox: Outbox, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A disk error cannot be made to happen here: os.fsync is what reports one.
+    real_fsync = os.fsync
+
+    def failing_fsync(fd: int) -> None:
+        monkeypatch.setattr(os, "fsync", real_fsync)  # once
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OutboxError, match=f"{path}: cannot sync the outbox to disk"):
+        await outbox.add([new(1)])
+    # The caller writes it again (the watcher does): a copy with the same webhook-id at worst.
+    await outbox.add([new(1)])
+    await outbox.add([new(2)])
+    assert {message for (message,) in on_disk(path, "SELECT message_id FROM deliveries")} == {
+        "msg_hook_d1_1",
+        "msg_hook_d1_2",
+    }
 
 
 async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: Path) -> None:
