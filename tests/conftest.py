@@ -19,6 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))  # tests/support, for every test folder
 
+from support.configs import TOKEN, relay_document
 from support.waiting import wait_until
 
 from relayd import logs
@@ -26,8 +27,6 @@ from relayd.config import Config, parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.supervisor import Supervisor
 from relayd.watcher import DriveState, DriveWatcher
-
-TOKEN = "test-token"
 
 
 @pytest.fixture(autouse=True)
@@ -93,25 +92,7 @@ def relay_config(
     **top: Any,
 ) -> Config:
     """A config for the emulator and receiver; fast retries unless a test says otherwise."""
-    token_file = tmp_path / "token"
-    if not token_file.exists():
-        token_file.write_text(TOKEN)
-    document: dict[str, Any] = {
-        "graph": {"base_url": emulator.base_url},
-        "state_dir": str(tmp_path / "state"),
-        "admin": {"listen": ""},
-        "accounts": {"test": {"token_file": str(token_file)}},
-        "webhooks": webhooks
-        or {
-            "hook": {
-                "url": receiver.url("hook"),
-                "retry": {"initial_delay": 0.05, "max_delay": 0.5},
-            }
-        },
-        "drives": drives
-        or [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
-        **top,
-    }
+    document = relay_document(tmp_path, emulator, receiver, drives=drives, webhooks=webhooks, **top)
     return parse_config(
         yaml.safe_dump(document), filename="test-config.yaml", env={}, base_dir=tmp_path
     )

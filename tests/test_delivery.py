@@ -13,8 +13,8 @@ from conftest import Relay, StartRelay, seqs
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 from structlog.testing import capture_logs
+from support.configs import FAST_RETRY
 from support.delivery_helpers import (
-    FAST_RETRY,
     count,
     new_secret,
     run_cli,

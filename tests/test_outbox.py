@@ -313,10 +313,10 @@ async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Outbox)
 async def test_a_claim_commits_the_results_waiting_before_it(outbox: Outbox) -> None:
     await outbox.add([new(1), new(2)])
     [head] = await outbox.claim("hook", 10, ordered=True)
+    # Tasks start in the order they were created: the result is queued first, waiting for
+    # company, and the ordered queue's next claim sees the head delivered, in the same commit.
     recorded = asyncio.create_task(outbox.record([result(head, State.DELIVERED)]))
-    await asyncio.sleep(0)  # the result is queued, waiting for company
-    # The ordered queue's next claim sees the head delivered, in the same commit.
-    [second] = await outbox.claim("hook", 10, ordered=True)
+    [second] = await asyncio.create_task(outbox.claim("hook", 10, ordered=True))
     assert recorded.done()
     assert second.message_id == "msg_hook_d1_2"
 

@@ -14,9 +14,7 @@ from relayd import cli
 from relayd.config import Config, load_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.outbox import Filter, Outbox, State
-
-TOKEN = "test-token"  # what the emulator fixture accepts (tests/conftest.py)
-FAST_RETRY = {"initial_delay": 0.05, "max_delay": 0.5}
+from support.configs import relay_document
 
 
 def new_secret() -> str:
@@ -35,18 +33,7 @@ def write_config(
 ) -> tuple[Path, Config]:
     """Write a config file for the emulator and receiver (as `relayd --config` reads it) and
     load it: the daemon in-process and a CLI command then share one state_dir."""
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
-    document: dict[str, Any] = {
-        "graph": {"base_url": emulator.base_url},
-        "state_dir": str(tmp_path / "state"),
-        "admin": {"listen": ""},
-        "accounts": {"test": {"token_file": str(token_file)}},
-        "webhooks": webhooks or {"hook": {"url": receiver.url("hook"), "retry": FAST_RETRY}},
-        "drives": drives
-        or [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
-        **top,
-    }
+    document = relay_document(tmp_path, emulator, receiver, drives=drives, webhooks=webhooks, **top)
     path = tmp_path / "relayd.yaml"
     path.write_text(yaml.safe_dump(document))
     return path, load_config(path, env={})
