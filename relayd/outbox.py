@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, NamedTuple, Protocol, Self, TypeVar
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -197,6 +197,15 @@ def _values(d: NewDelivery, state: State) -> tuple[Any, ...]:
     return (d.message_id, d.webhook, d.drive, d.body, d.created, d.created, state, d.created)
 
 
+class _Queued(NamedTuple):
+    """An operation waiting for the next group commit, and what its commit must do for it."""
+
+    operation: Operation
+    future: asyncio.Future[Any]
+    durable: bool  # the commit is fsynced before the future is told
+    heavy: bool  # may take long: the commit runs in the thread, not on the loop
+
+
 class Router(Protocol):
     """Where new rows go once committed: the dispatchers, through the supervisor.
 
@@ -288,12 +297,10 @@ class Outbox:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-outbox")
         self._connection: sqlite3.Connection | None = None
-        self._queue: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self._queue: list[_Queued] = []
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
-        self._durable_queued = False  # some queued operation needs its commit fsynced
-        self._heavy_queued = False  # some queued operation may take long: not on the loop
         self._flush_now = False  # the queue holds an operation that should not wait
         self._flush_timer: asyncio.TimerHandle | None = None  # ends a deferred operation's wait
         self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
@@ -430,9 +437,7 @@ class Outbox:
         if self._closing or self._writer is None:
             raise OutboxError(f"{self.path}: the outbox is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((operation, future))
-        self._durable_queued = self._durable_queued or durable
-        self._heavy_queued = self._heavy_queued or heavy
+        self._queue.append(_Queued(operation, future, durable, heavy))
         if not deferrable or len(self._queue) >= DEFER_MAX:
             self._flush()
         elif self._flush_timer is None:
@@ -457,9 +462,11 @@ class Outbox:
                 self._flush_timer.cancel()
                 self._flush_timer = None
             batch, self._queue = self._queue, []
-            durable, self._durable_queued = self._durable_queued, False
-            heavy, self._heavy_queued = self._heavy_queued, False
-            await self._commit(batch, durable=durable, in_thread=heavy)
+            await self._commit(
+                batch,
+                durable=any(queued.durable for queued in batch),
+                in_thread=any(queued.heavy for queued in batch),
+            )
             if self._changes() - self._checkpointed_at >= CHECKPOINT_AFTER_CHANGES:
                 # Shielded like a commit: the thread finishes it whatever happens here.
                 await asyncio.shield(self._call(self._checkpoint))
@@ -482,12 +489,12 @@ class Outbox:
 
     async def _commit(
         self,
-        batch: list[tuple[Operation, asyncio.Future[Any]]],
+        batch: list[_Queued],
         *,
         durable: bool,
         in_thread: bool,
     ) -> None:
-        operations = [operation for operation, _ in batch]
+        operations = [queued.operation for queued in batch]
         try:
             outcomes = None if in_thread else self._run_batch(operations, False, wait=False)
             # Shielded: a cancelled writer must still learn how the transaction ended, so that no
@@ -504,11 +511,11 @@ class Outbox:
             # their rows and try again, and the next batch may well succeed.
             outcomes = [(False, exc)] * len(batch)
         except BaseException:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(OutboxError(f"{self.path}: the outbox is closing"))
+            for queued in batch:
+                if not queued.future.done():
+                    queued.future.set_exception(OutboxError(f"{self.path}: the outbox is closing"))
             raise
-        for (_, future), (ok, value) in zip(batch, outcomes, strict=True):
+        for future, (ok, value) in zip((q.future for q in batch), outcomes, strict=True):
             if future.done():  # the caller gave up waiting; the work is done all the same
                 continue
             if ok:
