@@ -46,9 +46,14 @@ class MemoryOutbox:
         recover: bool = True,
         router: Router | None = None,
         clock: Callable[[], float] = time.time,
+        disk_reserve: int = 0,
     ) -> None:
         self.path = path
         self._router = router
+        # What the supervisor, /readyz and /metrics read off the real store: never full here.
+        self.healthy, self.disk_full, self.failures = True, False, 0
+        self.last_error: str | None = None
+        self.failing_since: float | None = None
         self._clock = clock
         self._rows: dict[int, _Row] = {}
         # Per webhook: (next_attempt, id) of pending rows. Entries go stale when a row changes

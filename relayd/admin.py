@@ -117,6 +117,11 @@ class _RelayCollector(Collector):
             "The drive's state (1 for the current one).",
             labels=["drive", "state"],
         )
+        unstored = GaugeMetricFamily(
+            "relayd_notifications_unstored",
+            "Notifications received and held in memory, not yet in the outbox, per drive.",
+            labels=["drive"],
+        )
         for name, watcher in supervisor.watchers.items():
             status = watcher.status
             for field, family in counters.items():
@@ -124,7 +129,9 @@ class _RelayCollector(Collector):
             connected.add_metric([name], 1 if status.state is DriveState.CONNECTED else 0)
             for candidate in DriveState:
                 state.add_metric([name, candidate.value], 1 if status.state is candidate else 0)
-        yield from (*counters.values(), connected, state)
+            unstored.add_metric([name], len(watcher.inbox))
+        yield from (*counters.values(), connected, state, unstored)
+        yield from _store_metrics(supervisor)
 
         refreshes = CounterMetricFamily(
             "relayd_token_refreshes",
@@ -154,6 +161,42 @@ class _RelayCollector(Collector):
         yield from (backlog, oldest)
 
 
+def _store_metrics(supervisor: Supervisor) -> Iterator[Metric]:
+    outbox = supervisor.outbox
+    healthy = GaugeMetricFamily(
+        "relayd_outbox_healthy",
+        "1 if the outbox takes new notifications (the disk has room, the last commit worked).",
+    )
+    healthy.add_metric([], 1 if outbox is not None and outbox.healthy else 0)
+    full = GaugeMetricFamily(
+        "relayd_outbox_disk_full",
+        "1 while the disk under the outbox is full: new notifications wait in their sockets.",
+    )
+    full.add_metric([], 1 if outbox is not None and outbox.disk_full else 0)
+    errors = CounterMetricFamily("relayd_outbox_errors", "Outbox commits (and fsyncs) that failed.")
+    errors.add_metric([], outbox.failures if outbox is not None else 0)
+    lost = CounterMetricFamily(
+        "relayd_notifications_lost",
+        "Notifications received from Graph that could not be stored before their drive stopped.",
+    )
+    lost.add_metric([], supervisor.lost)
+    yield from (healthy, full, errors, lost)
+
+
+def outbox_report(supervisor: Supervisor) -> dict[str, Any]:
+    """What `/readyz` and `/status` say about the store."""
+    outbox = supervisor.outbox
+    if outbox is None:
+        return {"ok": False, "disk_full": False, "error": "not open", "errors": 0}
+    return {
+        "ok": outbox.healthy,
+        "disk_full": outbox.disk_full,
+        "error": None if outbox.healthy else outbox.last_error,
+        "failing_since": outbox.failing_since,
+        "errors": outbox.failures,
+    }
+
+
 def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
     """What `relayd status` and /readyz show per drive."""
     report = {}
@@ -168,14 +211,20 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "malformed": status.malformed,
             "reconnects": status.reconnects,
             "renewals": status.renewals,
+            "unstored": len(watcher.inbox),
             "webhooks": list(watcher.drive.webhook),
         }
     return report
 
 
 def is_ready(supervisor: Supervisor) -> bool:
-    return supervisor.started.is_set() and all(
-        watcher.status.state in SETTLED for watcher in supervisor.watchers.values()
+    """Started, every drive settled, and the store taking what arrives."""
+    outbox = supervisor.outbox
+    return (
+        supervisor.started.is_set()
+        and outbox is not None
+        and outbox.healthy
+        and all(watcher.status.state in SETTLED for watcher in supervisor.watchers.values())
     )
 
 
@@ -188,7 +237,7 @@ def build_app(supervisor: Supervisor) -> web.Application:
         ready = is_ready(supervisor)
         body = {
             "ready": ready,
-            "outbox": supervisor.outbox is not None,
+            "outbox": outbox_report(supervisor),
             "drives": {name: d["state"] for name, d in drive_report(supervisor).items()},
         }
         return web.json_response(body, status=200 if ready else 503)
@@ -198,6 +247,8 @@ def build_app(supervisor: Supervisor) -> web.Application:
         body = {
             "ready": is_ready(supervisor),
             "drives": drive_report(supervisor),
+            "outbox": outbox_report(supervisor),
+            "lost": supervisor.lost,
             "backlog": snapshot.counts,
             "oldest_pending": snapshot.oldest,
             "reload": {"ok": supervisor.last_reload_ok, "error": supervisor.last_reload_error},

@@ -25,7 +25,7 @@ from relayd.auth import (
 )
 from relayd.config import Config, ConfigError, load_config, parse_duration
 from relayd.outbox import Filter, Outbox, OutboxError, State
-from relayd.supervisor import OUTBOX_FILE, StartupError, Supervisor, daemon_pid
+from relayd.supervisor import EXIT_LOST, OUTBOX_FILE, StartupError, Supervisor, daemon_pid
 
 DEFAULT_CONFIG = "/etc/relayd/config.yaml"
 
@@ -50,8 +50,10 @@ class ConfigFileMissing(Exception):
 
 async def serve(
     config: Config, shutdown: asyncio.Event | None = None, *, config_path: Path | None = None
-) -> None:
-    """Run the relay until SIGTERM or SIGINT (or until `shutdown` is set); SIGHUP reloads."""
+) -> int:
+    """Run the relay until SIGTERM or SIGINT (or until `shutdown` is set); SIGHUP reloads.
+
+    Returns how many notifications received from Graph were lost (never stored) at the stop."""
     stop = shutdown or asyncio.Event()
     supervisor = Supervisor(config, config_path=config_path)
     loop = asyncio.get_running_loop()
@@ -68,6 +70,7 @@ async def serve(
     finally:
         for signum in handlers:
             loop.remove_signal_handler(signum)
+    return supervisor.lost
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -76,8 +79,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The outbox's thread waits for the GIL after each SQLite call; with the default 5 ms switch
     # interval a busy event loop keeps it waiting, and deliveries wait on its commits.
     sys.setswitchinterval(0.0005)
-    asyncio.run(serve(config, config_path=config_path(args.config)))
-    return 0
+    # Whatever the service manager's umask: state files hold tenant ids, notification bodies and
+    # receivers' answers, and are for relayd's user alone.
+    os.umask(os.umask(0o077) | 0o077)
+    lost = asyncio.run(serve(config, config_path=config_path(args.config)))
+    return EXIT_LOST if lost else 0
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -145,6 +145,25 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> float:
     return seconds
 
 
+_SIZE_UNITS: Final = {"": 1, "b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30}
+_SIZE: Final = re.compile(r"(\d+(?:\.\d+)?)\s*([KMG]iB|B)?", re.IGNORECASE)
+_SIZE_HELP: Final = 'a number of bytes, or a number with KiB, MiB or GiB, e.g. "16MiB"'
+
+
+def parse_size(value: object) -> int:
+    """Return a size in bytes: ``16777216``, ``"512KiB"``, ``"16MiB"``, ``"1GiB"``."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _Invalid(f"invalid size {value!r}: {_SIZE_HELP}")
+    if isinstance(value, str):
+        match = _SIZE.fullmatch(value.strip())
+        if match is None:
+            raise _Invalid(f"invalid size {value!r}: {_SIZE_HELP}")
+        value = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
+    if value < 0:
+        raise _Invalid("size must not be negative")
+    return int(value)
+
+
 def _duration_seconds(value: object) -> float:
     invalid = _Invalid(
         f"invalid duration {value!r}: {_DURATION_HELP}",
@@ -351,6 +370,7 @@ def _duration(*, allow_zero: bool) -> BeforeValidator:
 
 _Duration = Annotated[float, _duration(allow_zero=False)]
 _DurationOrZero = Annotated[float, _duration(allow_zero=True)]
+_Size = Annotated[int, BeforeValidator(parse_size)]
 _Name = Annotated[str, AfterValidator(_check_name)]
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 _Secret = Annotated[str, AfterValidator(_check_secret)]
@@ -466,6 +486,9 @@ class LogConfig(_Model):
 
 class OutboxConfig(_Model):
     delivered_retention: _DurationOrZero = 7 * 86400.0
+    # Space kept free beside the store (a file of this size in state_dir, given up when the disk
+    # fills), so that a full disk still lets what is stored be delivered. 0 turns it off.
+    disk_reserve: _Size = 16 << 20
 
 
 _GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")

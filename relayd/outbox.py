@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import sqlite3
 import time
@@ -32,6 +33,10 @@ from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, Self, TypeVar
+
+import structlog
+
+log = structlog.get_logger("relayd.outbox")
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -47,6 +52,13 @@ DEFER_MAX = 32
 # New rows inserted at once beyond which the commit runs in the thread (a delta page can be
 # hundreds of items): the loop never stalls for more than a few milliseconds.
 INLINE_ROWS = 64
+# A WAL this large is checkpointed whatever the row count (bodies vary in size), and the file
+# is cut back to it when SQLite starts the WAL over: the WAL never eats the disk.
+WAL_CHECKPOINT_BYTES = 4 << 20
+# While the disk is full the WAL lives in what the reserve gave back: keep it far smaller.
+WAL_CHECKPOINT_BYTES_FULL = 256 << 10
+RESERVE_SUFFIX = ".reserve"
+ROOM_CHECK_INTERVAL = 1.0  # while full, how often a new notification may look for room again
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -93,6 +105,28 @@ class State(StrEnum):
 
 class OutboxError(Exception):
     """The store cannot be used (corrupt, unwritable, closed). The message names the file."""
+
+    def __init__(self, message: str, *, disk_full: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+
+
+class OutboxFull(OutboxError):
+    """The disk under the store is full: new notifications wait until there is room again.
+
+    Raised at once, without touching the disk: what space is left (and the reserve the outbox
+    gave up) goes to delivering what is already stored.
+    """
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """SQLite ran out of space (SQLITE_FULL), or a write or fsync said ENOSPC."""
+    if isinstance(exc, OutboxError):
+        return exc.disk_full
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -193,6 +227,28 @@ def _busy(exc: BaseException) -> bool:
     )
 
 
+def _free_bytes(folder: Path) -> int:
+    """Bytes an unprivileged process may still write on the filesystem holding `folder`."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize
+
+
+def _private(path: Path) -> None:
+    """Create the file 0600 if it is missing, and make it 0600 if it is not: it holds tenant
+    ids, notification bodies and receivers' answers. SQLite gives its -wal and -shm files the
+    same mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            with contextlib.suppress(OSError):  # not ours (a CLI run by root): leave it be
+                os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def _values(d: NewDelivery, state: State) -> tuple[Any, ...]:
     return (d.message_id, d.webhook, d.drive, d.body, d.created, d.created, state, d.created)
 
@@ -288,11 +344,25 @@ class Outbox:
         recover: bool = True,
         router: Router | None = None,
         clock: Callable[[], float] = time.time,
+        disk_reserve: int = 0,
     ) -> None:
         """`recover` puts rows left in flight by a previous run back in the queue: only the
-        daemon does that, never a CLI command opening the store beside it."""
+        daemon does that, never a CLI command opening the store beside it. Nor does a CLI
+        command keep a `disk_reserve` (see `_give_up_reserve`)."""
         self.path = path
         self._recover = recover
+        self._reserve_size = disk_reserve
+        self._reserve_path = path.with_name(path.name + RESERVE_SUFFIX)
+        # The WAL is checkpointed at this size: at most half the reserve, so that giving the
+        # reserve up always leaves room to copy a full WAL into the database file.
+        self._wal_limit = (
+            min(WAL_CHECKPOINT_BYTES, disk_reserve // 2) if disk_reserve else WAL_CHECKPOINT_BYTES
+        )
+        self._room_checked = 0.0  # monotonic time of the last look for room while full
+        self.disk_full = False  # new notifications are refused until there is room again
+        self.failures = 0  # commits (and fsyncs) that failed: the relayd_outbox_errors metric
+        self.last_error: str | None = None  # the latest failure, log-safe (names the file)
+        self.failing_since: float | None = None  # since when every commit fails, if they do
         self._router = router
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-outbox")
@@ -308,6 +378,11 @@ class Outbox:
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
         self.checkpoints = 0  # WAL checkpoints the writer ran
+
+    @property
+    def healthy(self) -> bool:
+        """The store takes new notifications: the disk has room and the last commit worked."""
+        return not self.disk_full and self.failing_since is None
 
     # -- life cycle ------------------------------------------------------------------------------
 
@@ -343,10 +418,15 @@ class Outbox:
 
     def _open(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private(self.path)
             connection = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"{self.path}: cannot open the outbox: {exc}") from None
+        if self._reserve_size and _free_bytes(self.path.parent) < self._reserve_size:
+            # Started on a full disk: what the reserve holds is needed now, by this very start.
+            self.disk_full = True
+            self._reserve_path.unlink(missing_ok=True)
         try:
             connection.execute(f"PRAGMA busy_timeout = {LOCK_WAIT_MS}")  # a CLI may hold a write
             # Before anything writes to the file (switching to WAL does).
@@ -364,6 +444,8 @@ class Outbox:
             # Checkpoints fsync: the writer runs them in the thread (see _checkpoint), so that
             # none happens inside a commit made on the event loop.
             connection.execute("PRAGMA wal_autocheckpoint = 0")
+            # When SQLite starts the WAL over after a checkpoint, the file is cut back to this.
+            connection.execute(f"PRAGMA journal_size_limit = {self._wal_limit}")
             connection.execute("BEGIN IMMEDIATE")  # proves the file is writable, now, not later
             # Not executescript(): it would commit the transaction opened above.
             for statement in SCHEMA.split(";"):
@@ -380,6 +462,9 @@ class Outbox:
             # thread instead (see _commit).
             connection.execute("PRAGMA busy_timeout = 0")
             self._wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+            for suffix in ("-wal", "-shm"):  # SQLite gives them the database file's mode
+                with contextlib.suppress(OSError):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
         except OSError as exc:
             connection.close()
             raise OutboxError(f"{self.path}: cannot open the outbox's WAL: {exc}") from None
@@ -390,6 +475,54 @@ class Outbox:
             connection.close()
             raise
         self._connection = connection
+        if not self.disk_full:
+            self.disk_full = not self._take_reserve()
+
+    # -- the disk reserve ------------------------------------------------------------------------
+    #
+    # A file of `disk_reserve` bytes of zeros beside the database. When a write finds the disk
+    # full, the file is deleted and the WAL checkpointed and truncated: that gives back the
+    # room for what is stored to be delivered (claims and results change rows in place, in a WAL
+    # kept small), while new notifications wait in their sockets until there is room again.
+
+    def _take_reserve(self) -> bool:
+        """Make sure the reserve is on disk; False when the disk has no room for it."""
+        if not self._reserve_size:
+            return True
+        try:
+            if self._reserve_path.stat().st_size >= self._reserve_size:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = os.open(self._reserve_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                # Real zeros, not a hole: a sparse file would reserve nothing.
+                block = bytes(1 << 20)
+                left = self._reserve_size
+                while left > 0:
+                    left -= os.write(fd, block[: min(left, len(block))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self._reserve_path.unlink()
+            return False
+        return True
+
+    def _give_up_reserve(self) -> None:
+        """The disk is full: free the reserve, and fold the WAL into the database file."""
+        with contextlib.suppress(OSError):
+            self._reserve_path.unlink()
+        self._checkpoint(truncate=True)
+
+    def _look_for_room(self) -> bool:
+        """While full: True (and the reserve taken again) once the disk has room for it twice."""
+        needed = 2 * max(self._reserve_size, self._wal_limit)
+        if _free_bytes(self.path.parent) < needed:
+            return False
+        return self._take_reserve()
 
     def _sync_wal(self) -> None:
         """fsync the WAL: what `synchronous = FULL` does at the end of each commit.
@@ -404,7 +537,9 @@ class Outbox:
             # The rows are committed but perhaps not on disk. Their callers hear that the write
             # failed and write them again (a copy keeps its webhook-id, which receivers dedupe
             # on) rather than trust a disk that failed an fsync.
-            raise OutboxError(f"{self.path}: cannot sync the outbox to disk: {exc}") from None
+            raise OutboxError(
+                f"{self.path}: cannot sync the outbox to disk: {exc}", disk_full=_disk_full(exc)
+            ) from None
 
     def _close_connection(self) -> None:
         assert self._connection is not None
@@ -462,29 +597,51 @@ class Outbox:
                 self._flush_timer.cancel()
                 self._flush_timer = None
             batch, self._queue = self._queue, []
-            await self._commit(
-                batch,
-                durable=any(queued.durable for queued in batch),
-                in_thread=any(queued.heavy for queued in batch),
-            )
-            if self._changes() - self._checkpointed_at >= CHECKPOINT_AFTER_CHANGES:
-                # Shielded like a commit: the thread finishes it whatever happens here.
-                await asyncio.shield(self._call(self._checkpoint))
+            try:
+                await self._commit(
+                    batch,
+                    durable=any(queued.durable for queued in batch),
+                    in_thread=any(queued.heavy for queued in batch),
+                )
+                if self._checkpoint_due():
+                    # Shielded like a commit: the thread finishes it whatever happens here.
+                    await asyncio.shield(self._call(self._checkpoint))
+            except Exception as exc:
+                # The writer is the store's only way in: it must outlive anything it meets, or
+                # every caller would wait for ever. Whoever was not answered hears the error.
+                log.exception("the outbox writer met an unexpected error; it goes on")
+                for queued in batch:
+                    if not queued.future.done():
+                        queued.future.set_exception(self._error(exc))
 
     def _changes(self) -> int:
         return self._connection.total_changes if self._connection is not None else 0
 
-    def _checkpoint(self) -> None:
+    def _checkpoint_due(self) -> bool:
+        if self._changes() - self._checkpointed_at >= CHECKPOINT_AFTER_CHANGES:
+            return True
+        limit = (
+            min(self._wal_limit, WAL_CHECKPOINT_BYTES_FULL) if self.disk_full else self._wal_limit
+        )
+        try:
+            return (
+                os.fstat(self._wal_fd).st_size >= limit and self._changes() > self._checkpointed_at
+            )
+        except OSError:
+            return False
+
+    def _checkpoint(self, *, truncate: bool = False) -> None:
         """Copy the WAL back into the database file, so that it stops growing.
 
         PASSIVE never waits for a lock; what it cannot copy now, the next one does. A failure
         loses nothing (the WAL still holds every commit) and is retried after as many changes
-        again.
+        again. TRUNCATE (when the disk is full) also empties the WAL file at once.
         """
         self._checkpointed_at = self._changes()
         if self._connection is not None:
             with contextlib.suppress(sqlite3.Error):
-                self._connection.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                mode = "TRUNCATE" if truncate else "PASSIVE"
+                self._connection.execute(f"PRAGMA wal_checkpoint({mode})")
                 self.checkpoints += 1
 
     async def _commit(
@@ -495,6 +652,7 @@ class Outbox:
         in_thread: bool,
     ) -> None:
         operations = [queued.operation for queued in batch]
+        commit_error: OutboxError | None = None
         try:
             outcomes = None if in_thread else self._run_batch(operations, False, wait=False)
             # Shielded: a cancelled writer must still learn how the transaction ended, so that no
@@ -509,12 +667,27 @@ class Outbox:
         except Exception as exc:
             # A failed commit (disk full, say) fails this batch only: its callers still hold
             # their rows and try again, and the next batch may well succeed.
-            outcomes = [(False, exc)] * len(batch)
+            commit_error = exc if isinstance(exc, OutboxError) else self._error(exc)
+            outcomes = [(False, commit_error)] * len(batch)
         except BaseException:
             for queued in batch:
                 if not queued.future.done():
                     queued.future.set_exception(OutboxError(f"{self.path}: the outbox is closing"))
             raise
+        # Callers only ever see OutboxError, whatever SQLite raised inside one operation.
+        outcomes = [
+            (ok, value if ok or isinstance(value, OutboxError) else self._error(value))
+            for ok, value in outcomes
+        ]
+        # One operation failing alone (its commit went through) says nothing of the store's
+        # health, unless what failed it was the disk.
+        failure = commit_error or next(
+            (value for ok, value in outcomes if not ok and value.disk_full), None
+        )
+        if failure is None:
+            self._recovered()
+        else:
+            await self._failed(failure, whole_commit=commit_error is not None)
         for future, (ok, value) in zip((q.future for q in batch), outcomes, strict=True):
             if future.done():  # the caller gave up waiting; the work is done all the same
                 continue
@@ -522,6 +695,33 @@ class Outbox:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    def _error(self, exc: BaseException) -> OutboxError:
+        return OutboxError(f"{self.path}: {exc}", disk_full=_disk_full(exc))
+
+    async def _failed(self, failure: OutboxError, *, whole_commit: bool) -> None:
+        self.failures += 1
+        self.last_error = str(failure)
+        if whole_commit and self.failing_since is None:
+            self.failing_since = time.time()
+            log.error("the outbox cannot be written", error=self.last_error)
+        if failure.disk_full and not self.disk_full:
+            self.disk_full = True
+            log.error(
+                "the disk under the outbox is full: new notifications wait in their sockets"
+                " until there is room; what is stored is still delivered",
+                path=str(self.path.parent),
+                reserve_released=self._reserve_size,
+            )
+            await asyncio.shield(self._call(self._give_up_reserve))
+
+    def _recovered(self) -> None:
+        if self.failing_since is not None:
+            log.info(
+                "the outbox is written again",
+                after_seconds=round(time.time() - self.failing_since, 1),
+            )
+            self.failing_since = None
 
     def _run_batch_waiting(
         self, operations: Sequence[Operation], durable: bool
@@ -579,7 +779,9 @@ class Outbox:
         except sqlite3.Error as exc:
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
-            raise OutboxError(f"{self.path}: commit failed: {exc}") from None
+            raise OutboxError(
+                f"{self.path}: commit failed: {exc}", disk_full=_disk_full(exc)
+            ) from None
         return outcomes
 
     @staticmethod
@@ -607,6 +809,11 @@ class Outbox:
         also: Callable[[sqlite3.Connection], None] | None,
     ) -> None:
         """Commit new rows (and `also`, in the same transaction), then route them."""
+        if deliveries and self.disk_full and not await self._room_again():
+            raise OutboxFull(
+                f"{self.path}: the disk is full; new notifications wait until there is room",
+                disk_full=True,
+            )
         plan = _Insert.plan(deliveries, self._router)
 
         def insert(connection: sqlite3.Connection) -> dict[str, list[Delivery]]:
@@ -623,6 +830,17 @@ class Outbox:
             plan.announce(self._router, None)  # give the reservations back
             raise
         plan.announce(self._router, handed)
+
+    async def _room_again(self) -> bool:
+        """While full, at most once a second: is there room (and the reserve back) now?"""
+        if time.monotonic() - self._room_checked < ROOM_CHECK_INTERVAL:
+            return False
+        self._room_checked = time.monotonic()
+        if not await self._call(self._look_for_room):
+            return False
+        self.disk_full = False
+        log.info("the disk under the outbox has room again: new notifications are stored")
+        return True
 
     async def claim(self, webhook: str, limit: int, *, ordered: bool = False) -> list[Delivery]:
         """Take up to `limit` rows that are due now and mark them in flight.

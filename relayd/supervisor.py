@@ -41,7 +41,7 @@ from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
 from relayd.outbox import Delivery, Outbox, OutboxError
 from relayd.systemd import Notifier, watchdog_interval
-from relayd.watcher import ConnectGate, DriveState, DriveWatcher
+from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
 log = structlog.get_logger("relayd.supervisor")
 
@@ -50,6 +50,9 @@ LOCK_FILE = "relayd.lock"
 WATCHER_STOP_TIMEOUT = 10.0  # watchers only close sockets and flush their queue to disk
 DRIVE_RESTART_DELAY = 10.0  # after a watcher crashed on something unexpected
 PRUNE_INTERVAL = 3600.0
+PRUNE_RETRY = 60.0  # after a prune the store refused
+DISPATCHER_RESTART_DELAY = 1.0  # after a dispatcher failed on something unexpected
+EXIT_LOST = 3  # `relayd run`'s exit status when notifications were lost at the stop
 STATUS_INTERVAL = 5.0  # backlog refresh and systemd STATUS= line
 
 
@@ -70,7 +73,9 @@ def token_provider(name: str, account: AccountConfig, state_dir: Path) -> TokenP
 def lock_state_dir(state_dir: Path) -> int:
     """Hold an exclusive lock so two daemons never deliver from one outbox."""
     try:
-        state_dir.mkdir(parents=True, exist_ok=True)
+        state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if state_dir.stat().st_mode & 0o077 and state_dir.stat().st_uid == os.geteuid():
+            state_dir.chmod(0o700)  # made by an older relayd, or by hand
         fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         raise StartupError(f"state_dir {state_dir}: {exc.strerror}") from None
@@ -130,6 +135,7 @@ class Supervisor:
         self.admin: AdminServer | None = None
         self.started = asyncio.Event()  # set once every drive and webhook has its task
         self.backlog = Backlog()
+        self.lost = 0  # notifications received but never stored: exit status 3 at the end
         self.last_reload_ok = True
         self.last_reload_error: str | None = None
         self._notifier = notifier or Notifier.from_environment()
@@ -160,7 +166,11 @@ class Supervisor:
                 self._session = await stack.enter_async_context(
                     aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
                 )
-                outbox = Outbox(config.state_dir / OUTBOX_FILE, router=self)
+                outbox = Outbox(
+                    config.state_dir / OUTBOX_FILE,
+                    router=self,
+                    disk_reserve=config.outbox.disk_reserve,
+                )
                 try:
                     self.outbox = await stack.enter_async_context(outbox)
                 except Exception as exc:
@@ -208,7 +218,10 @@ class Supervisor:
             for task in housekeeping:
                 task.cancel()
         self._group = None
-        log.info("stopped")
+        if self.lost:
+            log.error("stopped; notifications received from Graph were lost", lost=self.lost)
+        else:
+            log.info("stopped")
 
     # -- reload ----------------------------------------------------------------------------------
 
@@ -275,7 +288,11 @@ class Supervisor:
             if old_drives.get(name) != drive or drive.account in accounts_changed or graph_changed
         ]
 
-        await self._stop_watchers(drives_gone + [n for n in drives_changed if n in self.watchers])
+        # A changed drive's new watcher goes on from what the old one could not store yet.
+        carried = await self._stop_watchers(
+            drives_gone + [n for n in drives_changed if n in self.watchers],
+            keep=frozenset(drives_changed),
+        )
         await self._stop_dispatchers(
             webhooks_gone + [n for n in webhooks_changed if n in self.dispatchers]
         )
@@ -286,7 +303,7 @@ class Supervisor:
         for name in webhooks_changed:
             self._start_dispatcher(name, new)
         for name in drives_changed:
-            self._start_watcher(new_drives[name])
+            self._start_watcher(new_drives[name], carried.get(name))
         self._applied = new
         if old is not None:
             log.info(
@@ -308,10 +325,10 @@ class Supervisor:
         )
         self.dispatchers[name] = dispatcher
         self._dispatch_tasks[name] = self._group.create_task(
-            dispatcher.run(grace=config.shutdown_grace), name=f"relayd-webhook-{name}"
+            self._keep_dispatching(dispatcher, config.shutdown_grace), name=f"relayd-webhook-{name}"
         )
 
-    def _start_watcher(self, drive: DriveConfig) -> None:
+    def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None = None) -> None:
         assert self._group is not None and self._graph is not None and self._gate is not None
         assert self.outbox is not None
         watcher = DriveWatcher(
@@ -321,19 +338,40 @@ class Supervisor:
             outbox=self.outbox,
             socket_session=self._session,
             gate=self._gate,
+            inbox=inbox,
         )
         self.watchers[drive.name] = watcher
         self._drive_tasks[drive.name] = self._group.create_task(
             self._keep_watching(watcher), name=f"relayd-drive-{drive.name}"
         )
 
-    async def _stop_watchers(self, names: list[str]) -> None:
-        """Watchers close their sockets and write out what they hold, then end."""
+    async def _stop_watchers(
+        self, names: list[str], *, keep: frozenset[str] = frozenset()
+    ) -> dict[str, Inbox]:
+        """Watchers close their sockets and write out what they hold, then end.
+
+        What one could not write (the store failing) is handed back for the drives in `keep`,
+        whose new watcher goes on from it; for the others it is lost, and said so: counted in
+        `lost`, logged, and the daemon's exit status.
+        """
         for name in names:
             self.watchers[name].stop()
         await _finish([self._drive_tasks.pop(name) for name in names], WATCHER_STOP_TIMEOUT)
+        carried: dict[str, Inbox] = {}
         for name in names:
-            del self.watchers[name]
+            watcher = self.watchers.pop(name)
+            if name in keep:
+                carried[name] = watcher.inbox
+                continue
+            lost = watcher.inbox.close()
+            if lost:
+                self.lost += lost
+                watcher.log.error(
+                    "notifications received from Graph could not be stored and are lost",
+                    lost=lost,
+                    outbox_error=self.outbox.last_error if self.outbox else None,
+                )
+        return carried
 
     async def _stop_dispatchers(self, names: list[str]) -> None:
         """Dispatchers give attempts under way the grace period; the rest waits on disk."""
@@ -375,11 +413,34 @@ class Supervisor:
                 )
             await asyncio.sleep(DRIVE_RESTART_DELAY)
 
+    async def _keep_dispatching(self, dispatcher: Dispatcher, grace: float) -> None:
+        """A webhook's task: its dispatcher, restarted if it ever fails, never taking others
+        down. What it had claimed went back to the queue as it ended."""
+        while True:
+            try:
+                await dispatcher.run(grace=grace)
+                return
+            except Exception:
+                log.exception(
+                    "webhook dispatcher failed; restarting it",
+                    webhook=dispatcher.name,
+                    retry_in=DISPATCHER_RESTART_DELAY,
+                )
+            await asyncio.sleep(DISPATCHER_RESTART_DELAY)
+
     async def _prune_loop(self) -> None:
+        """Forget delivered rows past their retention, hourly. A store that fails (a CLI holding
+        its lock, a disk error) is tried again sooner; it never ends the daemon."""
         assert self.outbox is not None
         while True:
             retention = self.config.outbox.delivered_retention
-            removed = await self.outbox.prune(time.time() - retention)
+            try:
+                removed = await self.outbox.prune(time.time() - retention)
+            except Exception as exc:
+                log.error("cannot prune the outbox, will try again", error=str(exc),
+                          retry_in=PRUNE_RETRY)  # fmt: skip
+                await asyncio.sleep(PRUNE_RETRY)
+                continue
             if removed:
                 log.info("pruned delivered notifications", count=removed)
             await asyncio.sleep(PRUNE_INTERVAL)
@@ -395,8 +456,12 @@ class Supervisor:
                 self._notifier.watchdog()
             if time.monotonic() - last_status >= STATUS_INTERVAL:
                 last_status = time.monotonic()
-                await self.refresh_backlog()
-                self._notifier.status(self.status_line())
+                try:
+                    await self.refresh_backlog()
+                    self._notifier.status(self.status_line())
+                except Exception:
+                    # The watchdog pings above must go on whatever the status line meets.
+                    log.exception("cannot refresh the status line")
             await asyncio.sleep(tick)
 
     async def refresh_backlog(self) -> None:

@@ -5,14 +5,16 @@ expires, fetch a fresh one, connect to it, then close the old socket (make befor
 connection drops, the server says goodbye, or the line goes silent, reconnect with a fresh endpoint
 and jittered exponential backoff, for as long as the drive is configured.
 
-Notifications go into a bounded per-drive queue, in arrival order, and one pump writes them to the
-outbox. When the store falls behind, the queue fills and the socket's reads wait, so TCP pushes back
-on the sender instead of memory growing.
+Notifications go into a bounded per-drive inbox, in arrival order, and one pump writes them to the
+outbox. When the store falls behind or cannot write (a full disk), the inbox fills and the socket's
+reads wait, so TCP pushes back on the sender instead of memory growing. The inbox belongs to the
+watcher, not to one run of it: a watcher restarted after a crash goes on from what it held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import random
@@ -59,9 +61,12 @@ NEEDS_LOGIN_RETRY = 60.0  # an account waiting for `relayd login`
 HEALTHY_CONNECTION = 30.0  # a connection that lived this long resets the backoff
 CONNECT_TIMEOUT = 15.0
 CLOSE_TIMEOUT = 2.0
-QUEUE_ITEMS = 1000  # notifications held in memory per drive before the socket waits
+QUEUE_ITEMS = 1000  # notification events held in memory per drive before the socket waits
 DEDUPE_WINDOW = 10.0  # during a switch-over, the same notification from the other socket is a copy
 OUTBOX_RETRY = 1.0
+# On stop, how long what the inbox holds may take to reach the outbox. Below the supervisor's
+# WATCHER_STOP_TIMEOUT, so that what cannot be written is counted and said, not cut short.
+FLUSH_TIMEOUT = 5.0
 
 T = TypeVar("T")
 
@@ -154,6 +159,90 @@ class ConnectGate:
             yield
 
 
+class Inbox:
+    """Notifications a drive received and has not stored yet, in arrival order.
+
+    `put` waits while `limit` events are held: the socket's read loop waits with it, and TCP
+    pushes back on Graph. `notice` (the drive's own drive.resync events) never waits and never
+    raises; at most one unstored notice is held, since a second says nothing the first does not.
+    The pump `take`s everything at once; what it took stays here (`taken`) until it is stored,
+    so neither a failed write nor a restarted pump loses it. The inbox outlives a watcher: one
+    restarted after a crash, or by a reload that changed its drive, goes on from it.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._events: collections.deque[list[NewDelivery]] = collections.deque()
+        self.taken: list[NewDelivery] = []  # with the pump, not yet committed
+        self._held = 0  # deliveries in _events and taken
+        self._notice_held = False
+        self._changed = asyncio.Event()
+        self._open = True
+        self.refused = 0  # deliveries that arrived after close(): received, never held
+
+    def __len__(self) -> int:
+        """Deliveries held (taken or waiting): what a crash or a stop would lose."""
+        return self._held
+
+    async def put(self, deliveries: list[NewDelivery]) -> None:
+        while self._open and len(self._events) >= self._limit:
+            self._changed.clear()
+            await self._changed.wait()
+        if not self._open:
+            self.refused += len(deliveries)
+            return
+        self._events.append(deliveries)
+        self._held += len(deliveries)
+        self._changed.set()
+
+    def notice(self, deliveries: list[NewDelivery]) -> bool:
+        """Hold a notice of the drive's own; False if one is already waiting to be stored."""
+        if self._notice_held or not self._open:
+            return False
+        self._notice_held = True
+        self._events.append(deliveries)
+        self._held += len(deliveries)
+        self._changed.set()
+        return True
+
+    async def take(self) -> list[NewDelivery]:
+        """What the pump stores next: what it took before (not yet stored), else all that waits."""
+        while not self.taken:
+            if self._events:
+                self.taken = [d for event in self._events for d in event]
+                self._events.clear()
+                self._notice_held = False
+                self._changed.set()  # room for put()
+                break
+            self._changed.clear()
+            await self._changed.wait()
+        return self.taken
+
+    def stored(self) -> None:
+        self._held -= len(self.taken)
+        self.taken = []
+        self._changed.set()
+
+    def close(self) -> int:
+        """The drive is going away for good: refuse (and count) what still arrives, and say how
+        many deliveries received from Graph were never stored."""
+        self._open = False
+        self._changed.set()
+        return self._held + self.refused
+
+    async def emptied(self, timeout: float) -> bool:
+        """Wait until everything held is stored; False if `timeout` passed first."""
+        deadline = time.monotonic() + timeout
+        while len(self):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
+
 class ConnectionLost(Exception):
     """The socket is gone; the watcher fetches a fresh endpoint and connects again."""
 
@@ -231,7 +320,9 @@ class DriveWatcher:
         outbox: Outbox,
         socket_session: aiohttp.ClientSession | None = None,
         gate: ConnectGate,
+        inbox: Inbox | None = None,
     ) -> None:
+        """`inbox`: what an earlier watcher of the same drive held, to go on from."""
         self.drive = drive
         self.status = DriveStatus()
         self._graph = graph
@@ -245,7 +336,8 @@ class DriveWatcher:
             if drive.mode == "changes"
             else None
         )
-        self._queue: asyncio.Queue[list[NewDelivery]] = asyncio.Queue(QUEUE_ITEMS)
+        self.inbox = inbox or Inbox(QUEUE_ITEMS)
+        self._write_failing_since: float | None = None
         self._stopping = asyncio.Event()
         self._generation = 0
         self._recent: OrderedDict[str, tuple[int, float]] = OrderedDict()
@@ -254,7 +346,8 @@ class DriveWatcher:
         self.log = structlog.get_logger("relayd.watcher").bind(drive=drive.name)
 
     def stop(self) -> None:
-        """Stop taking notifications; `run()` returns once what arrived is in the outbox."""
+        """Stop taking notifications; `run()` returns once what arrived is in the outbox, or
+        once FLUSH_TIMEOUT has passed: then `inbox` still holds what could not be written."""
         self._stopping.set()
 
     async def run(self) -> None:
@@ -263,16 +356,16 @@ class DriveWatcher:
         if self.feed is not None:
             helpers.append(asyncio.create_task(self.feed.run(), name=f"relayd-delta-{name}"))
         try:
-            if await self._retrying(self._prepare) is None:
-                return  # stopped before it could start
-            await self._watch()
-            # Closed sockets bring nothing new: write out what is queued, then stop.
-            await self._queue.join()
+            if await self._retrying(self._prepare) is not None:
+                await self._watch()
+            # Closed sockets bring nothing new: write out what is held, then stop.
+            await self.inbox.emptied(FLUSH_TIMEOUT)
         finally:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
-            self.status.enter(DriveState.STOPPED)
+            if self._stopping.is_set():  # not a crash, after which a new run goes on
+                self.status.enter(DriveState.STOPPED)
 
     async def _prepare(self) -> bool:
         """Before the first connect: the delta cursor (changes mode), or a resync notice if the
@@ -283,7 +376,7 @@ class DriveWatcher:
             return True
         stored = await self._outbox.drive_state(self.drive.name)
         if stored is not None and stored[0] == self.drive.resource:
-            self._queue_resync("restart")
+            self._resync("restart")
         else:
             await self._outbox.save_drive_state(self.drive.name, self.drive.resource, None)
         return True
@@ -293,13 +386,14 @@ class DriveWatcher:
         if self.feed is not None:
             self.feed.catch_up(how)  # changes made while nobody listened
         elif how == "reconnect":
-            self._queue_resync(how)
+            self._resync(how)
 
-    def _queue_resync(self, reason: str) -> None:
+    def _resync(self, reason: str) -> None:
         drive = self.drive
         notice = resync_deliveries(drive.name, drive.resource, drive.webhook, reason, time.time())
-        # From the socket's own task order; the queue has room (resyncs are rare and tiny).
-        self._queue.put_nowait(notice)
+        # Never waits, even with the inbox full (the store failing while the line drops).
+        if not self.inbox.notice(notice):
+            self.log.debug("a drive.resync is already waiting to be stored", reason=reason)
 
     # -- connection management ------------------------------------------------------------------
 
@@ -404,10 +498,26 @@ class DriveWatcher:
         )
 
     async def _open(self) -> _Connection:
+        # The token is fetched before a connect slot is taken: an account whose token source
+        # hangs must not hold slots that every other account's drives are waiting for.
+        token = await self._tokens.token()
+        try:
+            return await self._open_with(token)
+        except _TokenRefused:
+            pass
+        # Graph refused it (401): a fresh one, again outside the slot; refused twice is an error.
+        return await self._open_with(await self._tokens.token(token), retry=False)
+
+    async def _open_with(self, token: str, *, retry: bool = True) -> _Connection:
+        async def bearer(refused: str | None) -> str:
+            if refused is None:
+                return token
+            if retry:
+                raise _TokenRefused
+            raise AuthError(f"account {self.drive.account!r}: Graph refused a fresh token (401)")
+
         async with self._gate.slot():
-            subscription = await self._graph.socketio_endpoint(
-                self.drive.resource, self._tokens.token
-            )
+            subscription = await self._graph.socketio_endpoint(self.drive.resource, bearer)
             self.status.endpoint = subscription.target.display
             self._generation += 1
             connection = _Connection(self, subscription, self._generation)
@@ -461,7 +571,7 @@ class DriveWatcher:
             self.feed.notified()
             return
         drive = self.drive
-        await self._queue.put(
+        await self.inbox.put(
             notification_deliveries(drive.name, drive.resource, drive.webhook, fresh, received)
         )
 
@@ -488,22 +598,37 @@ class DriveWatcher:
         return False
 
     async def _pump(self) -> None:
-        """Move queued notifications into the outbox, in order, batching what has piled up."""
+        """Move held notifications into the outbox, in order, batching what has piled up."""
         while True:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            deliveries = [delivery for entry in batch for delivery in entry]
-            while True:
-                try:
-                    await self._outbox.add(deliveries)
-                    break
-                except OutboxError as exc:
-                    # Nothing is dropped: the batch stays here, the queue fills, the socket waits.
-                    self.log.error("cannot write to the outbox, retrying", error=str(exc))
-                    await asyncio.sleep(OUTBOX_RETRY)
-            for _ in batch:
-                self._queue.task_done()
+            deliveries = await self.inbox.take()
+            try:
+                await self._outbox.add(deliveries)
+            except OutboxError as exc:
+                # Nothing is dropped: the batch stays in the inbox, which fills; the socket waits.
+                self._write_failed(exc)
+                await asyncio.sleep(OUTBOX_RETRY)
+                continue
+            self.inbox.stored()
+            if self._write_failing_since is not None:
+                self.log.info(
+                    "notifications are stored again",
+                    after_seconds=round(time.monotonic() - self._write_failing_since, 1),
+                )
+                self._write_failing_since = None
+
+    def _write_failed(self, exc: OutboxError) -> None:
+        """Said once per outage, not once a second: the outbox logs the cause itself."""
+        if self._write_failing_since is None:
+            self._write_failing_since = time.monotonic()
+            self.log.error(
+                "cannot store notifications; holding them, the socket waits when full",
+                error=str(exc),
+                held=len(self.inbox),
+            )
+
+
+class _TokenRefused(Exception):
+    """Graph answered 401 to the token a connect started with."""
 
 
 class _Connection:

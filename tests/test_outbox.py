@@ -118,7 +118,9 @@ async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
     assert outbox.commits == before + 1  # one transaction for the three
 
     assert outcomes[0] is None
-    assert isinstance(outcomes[1], sqlite3.IntegrityError)
+    # Callers only ever see OutboxError; it names the file and what SQLite said.
+    assert isinstance(outcomes[1], OutboxError)
+    assert "NOT NULL constraint failed" in str(outcomes[1])
     assert outcomes[2] is None
     assert on_disk(path, "SELECT message_id FROM deliveries ORDER BY id") == [
         ("msg_hook_d1_1",),

@@ -31,6 +31,8 @@ def relay_document(
         "graph": {"base_url": emulator.base_url},
         "state_dir": str(tmp_path / "state"),
         "admin": {"listen": ""},
+        # Small, so that every test's state_dir does not write the default 16 MiB of zeros.
+        "outbox": {"disk_reserve": "1MiB"},
         "accounts": {"test": {"token_file": str(token_file)}},
         "webhooks": webhooks or {"hook": {"url": receiver.url("hook"), "retry": FAST_RETRY}},
         "drives": drives
