@@ -39,7 +39,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Delivery, Outbox, OutboxError
+from relayd.outbox import Delivery, Outbox
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
@@ -469,7 +469,7 @@ class Supervisor:
             return
         try:
             counts, oldest = await self.outbox.backlog()
-        except OutboxError as exc:
+        except Exception as exc:  # the last figures stay; the next refresh may well work
             log.error("cannot read the outbox backlog", error=str(exc))
             return
         self.backlog = Backlog(counts=counts, oldest=oldest)
