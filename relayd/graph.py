@@ -26,6 +26,11 @@ from relayd.config import resource_path
 # A notification is a few hundred bytes. Anything far larger is not one, and parsing it would
 # only let a broken or hostile peer spend our memory.
 MAX_EVENT_BYTES = 256 * 1024
+# A notification nests three deep ({"value": [{...}]}), a few more with unknown fields. A deeper
+# document is not one, and everything after the parser (json.dumps of the item into a webhook
+# body, the duplicate key) recurses over it: capped here, nothing after the parser can hit the
+# recursion limit (about 1,000, less the frames already on the stack).
+MAX_EVENT_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -216,6 +221,13 @@ def parse_notification_event(payload: object) -> list[dict[str, Any]]:
         document = json.loads(payload)
     except json.JSONDecodeError as exc:
         raise MalformedNotification(f"argument is not JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:
+        # The C parser counts its nesting against the recursion limit and unwinds cleanly.
+        raise MalformedNotification(
+            f"JSON is nested too deeply (over {MAX_EVENT_DEPTH} levels)"
+        ) from None
+    if _nests_deeper_than(document, MAX_EVENT_DEPTH):
+        raise MalformedNotification(f"JSON is nested too deeply (over {MAX_EVENT_DEPTH} levels)")
     if not isinstance(document, dict) or "value" not in document:
         raise MalformedNotification("JSON has no 'value' member")
     items = document["value"]
@@ -224,6 +236,21 @@ def parse_notification_event(payload: object) -> list[dict[str, Any]]:
     if not all(isinstance(item, dict) for item in items):
         raise MalformedNotification("'value' holds something that is not an object")
     return items
+
+
+def _nests_deeper_than(document: object, limit: int) -> bool:
+    """True if arrays and objects nest more than `limit` deep; pure, and without recursion, so
+    any depth the parser returned is safe to measure."""
+    pending: list[tuple[dict[str, Any] | list[Any], int]] = []
+    if isinstance(document, dict | list):
+        pending.append((document, 1))
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 BACKOFF_INITIAL = 1.0

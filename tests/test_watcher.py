@@ -307,3 +307,25 @@ async def test_many_drives_start_as_a_paced_stream_not_a_stampede(
     )
     assert time.monotonic() - started >= 1.9  # 20 starts at 10/s
     assert sum(emulator.endpoint_requests.values()) == 20  # nothing refused, nothing retried
+
+
+def nested_notification(depth: int) -> str:
+    """A notification event whose one item nests arrays `depth` deep."""
+    return '{"value": [{"resource": "r", "deep": ' + "[" * depth + "]" * depth + "}]}"
+
+
+async def test_a_notification_nested_100_000_deep_is_malformed_and_the_next_one_flows(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    await relay.connected()
+    # 100,000 deep is past the parser's recursion limit; 600 deep parses, but is no notification.
+    for depth in (100_000, 600):
+        await emulator.emit("me", raw=nested_notification(depth))
+    status = relay.watcher().status
+    await wait_until(lambda: status.malformed == 2, what="both counted as malformed")
+    await emulator.emit("me")
+    assert seqs(await wait_notifications(receiver, 1)) == [1]
+    assert len(receiver.delivered("hook")) == 1  # nothing else was posted
+    assert (status.received, status.reconnects) == (1, 0)
+    assert status.state is DriveState.CONNECTED and emulator.connected("me") == 1
