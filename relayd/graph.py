@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from ipaddress import ip_address
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -251,6 +252,31 @@ def _nests_deeper_than(document: object, limit: int) -> bool:
         children = node.values() if isinstance(node, dict) else node
         pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
     return False
+
+
+def travels_unencrypted(url: str) -> bool:
+    """True for a notificationUrl on plain `http`/`ws` to a host that is not loopback: the socket,
+    and the credential in its query, would cross the network in clear text; pure.
+
+    `https`/`wss` are fine, and so is any scheme to loopback (127.0.0.0/8, ::1, localhost), where
+    nothing leaves the machine: a local emulator, or a tunnel's local end.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "ws"):
+        return False
+    return not _is_loopback(parts.hostname or "")
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        address = ip_address(name)
+    except ValueError:
+        return False  # a name: whatever it resolves to, it is not known to stay on this machine
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 BACKOFF_INITIAL = 1.0

@@ -43,6 +43,7 @@ from relayd.graph import (
     backoff_delay,
     parse_notification_event,
     retry_delay,
+    travels_unencrypted,
 )
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 
@@ -409,6 +410,7 @@ class DriveWatcher:
                 self.drive.resource, self._tokens.token
             )
             self.status.endpoint = subscription.target.display
+            self._warn_if_unencrypted(subscription)
             self._generation += 1
             connection = _Connection(self, subscription, self._generation)
             await connection.open()
@@ -440,6 +442,19 @@ class DriveWatcher:
         self.log.info("endpoint renewed")
         self._connected("renewal")
         return fresh
+
+    _warned_unencrypted = False  # set on the instance once its drive has been warned about
+
+    def _warn_if_unencrypted(self, subscription: Subscription) -> None:
+        """Once per drive, not at every renewal: a plain http/ws notificationUrl off loopback."""
+        if self._warned_unencrypted or not travels_unencrypted(subscription.target.display):
+            return
+        self._warned_unencrypted = True
+        self.log.warning(
+            "notificationUrl is not encrypted (plain http/ws to a host that is not loopback):"
+            " the socket and its credential cross the network in clear text",
+            endpoint=subscription.target.display,  # without the query: that is the credential
+        )
 
     # -- notifications ----------------------------------------------------------------------------
 

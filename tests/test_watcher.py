@@ -6,15 +6,19 @@ SQLite outbox; the receiver sees what a user's webhook would.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 from conftest import TOKEN, StartRelay, relay_config, seqs, wait_notifications
 from support.proxy import FreezableProxy
 from support.waiting import stays_true, wait_until
 
+from relayd import watcher
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.watcher import DriveState
 
@@ -329,3 +333,43 @@ async def test_a_notification_nested_100_000_deep_is_malformed_and_the_next_one_
     assert len(receiver.delivered("hook")) == 1  # nothing else was posted
     assert (status.received, status.reconnects) == (1, 0)
     assert status.state is DriveState.CONNECTED and emulator.connected("me") == 1
+
+
+async def test_a_plain_http_notification_url_off_loopback_is_warned_about_once(
+    tmp_path: Path,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # push.example.test is not loopback by name; only this test's DNS points it at the emulator.
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real_getaddrinfo(
+            "127.0.0.1" if host == "push.example.test" else host, *args, **kwargs
+        )
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(watcher, "RENEW_FLOOR", 0.5)  # a 2 s lifetime renews every second
+    async with GraphEmulator(tokens=[TOKEN], lifetime=2) as graph:
+        graph.push_base_url = f"http://push.example.test:{graph.port}"
+        with structlog.testing.capture_logs() as lines:
+            relay = await start_relay(relay_config(tmp_path, graph, receiver))
+            await wait_until(lambda: relay.watcher().status.renewals >= 2, what="two renewals")
+            await graph.emit("me")
+            assert seqs(await wait_notifications(receiver, 1)) == [1]
+        secrets = graph.issued_secrets()
+    warned = [line for line in lines if "not encrypted" in line["event"]]
+    assert len(warned) == 1, warned  # once for the drive, not at each of its three endpoints
+    assert warned[0]["endpoint"] == f"http://push.example.test:{graph.port}/notifications"
+    assert warned[0]["log_level"] == "warning"
+    assert len(secrets) == 3 and not any(secret in repr(lines) for secret in secrets)
+
+
+async def test_a_drive_on_loopback_is_not_warned_about(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    with structlog.testing.capture_logs() as lines:
+        relay = await start_relay()
+        await relay.connected()
+    assert [line for line in lines if "not encrypted" in line["event"]] == []
