@@ -63,8 +63,18 @@ CLOSE_TIMEOUT = 2.0
 QUEUE_ITEMS = 1000  # notifications held in memory per drive before the socket waits
 DEDUPE_WINDOW = 10.0  # during a switch-over, the same notification from the other socket is a copy
 OUTBOX_RETRY = 1.0
+# python-engineio's read loop gives up on a line after pingInterval + pingTimeout of silence, both
+# taken from the server's OPEN packet: a server that announced a day and went quiet would keep a
+# dead drive "connected" for a day. Engine.IO's defaults, which Graph announces, are 25 s and
+# 20 s; these caps are 12x and 6x that, so no sane server is cut short, and a silent line is
+# noticed within 7 minutes whatever was announced. A server that really pings less often than
+# this gets a reconnect (a fresh endpoint and a resync) every 7 minutes, not a dead socket.
+MAX_PING_INTERVAL = 5 * 60.0
+MAX_PING_TIMEOUT = 2 * 60.0
 
 T = TypeVar("T")
+
+_log = structlog.get_logger("relayd.watcher")
 
 
 class DriveState(StrEnum):
@@ -171,12 +181,33 @@ class _InlineEngineIOClient(engineio.AsyncClient):  # type: ignore[misc]
     an idle drive's CPU, and an idle drive does nothing else (200 pings/s at 5,000 drives).
     """
 
+    ping_interval: float  # seconds, from the server's OPEN packet (None before it)
+    ping_timeout: float
+
     async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "connect":
+            # Fired once the OPEN packet is read (ping_interval and ping_timeout set from it)
+            # and before the read loop starts, which reads both again for every packet's wait.
+            self._cap_ping_times()
         # Only Socket.IO EVENT packets ("2..."): a DISCONNECT ("1...") handler awaits the read
         # loop itself, which it cannot do from inside it.
         if event == "message" and args and isinstance(args[0], str) and args[0][:1] == "2":
             kwargs["run_async"] = False
         return await super()._trigger_event(event, *args, **kwargs)
+
+    def _cap_ping_times(self) -> None:
+        """Trust the server's ping times only up to the caps (see MAX_PING_INTERVAL). Logged
+        from the drive's task, which binds the drive's name to its lines."""
+        interval, timeout = self.ping_interval, self.ping_timeout
+        self.ping_interval = min(interval, MAX_PING_INTERVAL)
+        self.ping_timeout = min(timeout, MAX_PING_TIMEOUT)
+        if (self.ping_interval, self.ping_timeout) != (interval, timeout):
+            _log.warning(
+                "server announced ping times beyond the caps; a silent line is noticed sooner",
+                ping_interval=interval,
+                ping_timeout=timeout,
+                capped_to=[self.ping_interval, self.ping_timeout],
+            )
 
     async def _send_packet(self, pkt: engineio.packet.Packet) -> None:
         if (

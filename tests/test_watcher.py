@@ -373,3 +373,47 @@ async def test_a_drive_on_loopback_is_not_warned_about(
         relay = await start_relay()
         await relay.connected()
     assert [line for line in lines if "not encrypted" in line["event"]] == []
+
+
+async def test_a_huge_announced_ping_interval_does_not_hide_a_silent_line(
+    tmp_path: Path,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server announces a ping a day (and an hour to answer) but pings every 0.3 s. With the
+    # caps at 1 s + 0.5 s, a line that goes silent is noticed after 1.5 s, not after 25 hours.
+    monkeypatch.setattr(watcher, "MAX_PING_INTERVAL", 1.0)
+    monkeypatch.setattr(watcher, "MAX_PING_TIMEOUT", 0.5)
+    emulator = GraphEmulator(
+        tokens=[TOKEN],
+        ping_interval=0.3,
+        ping_timeout=5,
+        announced_ping_interval=86_400,
+        announced_ping_timeout=3_600,
+    )
+    async with emulator as graph, FreezableProxy(graph.port) as proxy:
+        graph.push_base_url = f"http://127.0.0.1:{proxy.port}"
+        proxied = {"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
+        with structlog.testing.capture_logs() as lines:
+            relay = await start_relay(relay_config(tmp_path, graph, receiver, graph=proxied))
+            await relay.connected()
+        capped = [line for line in lines if "beyond the caps" in line["event"]]
+        assert capped and capped[0]["ping_interval"] == 86_400
+        # While pings flow, the capped read timeout never fires: the first connection stays.
+        await stays_true(
+            lambda: relay.watcher().status.reconnects == 0, seconds=3, what="the first connection"
+        )
+        proxy.freeze()  # no close, no ping: just silence
+        await wait_until(
+            lambda: relay.watcher().status.reconnects == 1, timeout=6, what="silence noticed"
+        )
+        proxy.thaw()
+        await wait_until(
+            lambda: (
+                relay.watcher().status.state is DriveState.CONNECTED and graph.connects["me"] >= 2
+            ),
+            what="reconnected",
+        )
+        await graph.emit("me")
+        assert seqs(await wait_notifications(receiver, 1)) == [1]
