@@ -32,7 +32,12 @@ def rfc3339(timestamp: float) -> str:
 
 def encode(event_type: str, timestamp: float, data: Mapping[str, Any]) -> bytes:
     body = {"type": event_type, "timestamp": rfc3339(timestamp), "data": data}
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800", which JSON allows and UTF-8 cannot hold): sent escaped,
+        # exactly as Graph wrote it, rather than dropped with the notification around it.
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 def _fan_out(

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from ipaddress import ip_address
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,6 +27,11 @@ from relayd.config import resource_path
 # A notification is a few hundred bytes. Anything far larger is not one, and parsing it would
 # only let a broken or hostile peer spend our memory.
 MAX_EVENT_BYTES = 256 * 1024
+# A notification nests three deep ({"value": [{...}]}), a few more with unknown fields. A deeper
+# document is not one, and everything after the parser (json.dumps of the item into a webhook
+# body, the duplicate key) recurses over it: capped here, nothing after the parser can hit the
+# recursion limit (about 1,000, less the frames already on the stack).
+MAX_EVENT_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,13 @@ def parse_notification_event(payload: object) -> list[dict[str, Any]]:
         document = json.loads(payload)
     except json.JSONDecodeError as exc:
         raise MalformedNotification(f"argument is not JSON ({exc.msg} at {exc.pos})") from None
+    except RecursionError:
+        # The C parser counts its nesting against the recursion limit and unwinds cleanly.
+        raise MalformedNotification(
+            f"JSON is nested too deeply (over {MAX_EVENT_DEPTH} levels)"
+        ) from None
+    if _nests_deeper_than(document, MAX_EVENT_DEPTH):
+        raise MalformedNotification(f"JSON is nested too deeply (over {MAX_EVENT_DEPTH} levels)")
     if not isinstance(document, dict) or "value" not in document:
         raise MalformedNotification("JSON has no 'value' member")
     items = document["value"]
@@ -224,6 +237,46 @@ def parse_notification_event(payload: object) -> list[dict[str, Any]]:
     if not all(isinstance(item, dict) for item in items):
         raise MalformedNotification("'value' holds something that is not an object")
     return items
+
+
+def _nests_deeper_than(document: object, limit: int) -> bool:
+    """True if arrays and objects nest more than `limit` deep; pure, and without recursion, so
+    any depth the parser returned is safe to measure."""
+    pending: list[tuple[dict[str, Any] | list[Any], int]] = []
+    if isinstance(document, dict | list):
+        pending.append((document, 1))
+    while pending:
+        node, depth = pending.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        pending.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def travels_unencrypted(url: str) -> bool:
+    """True for a notificationUrl on plain `http`/`ws` to a host that is not loopback: the socket,
+    and the credential in its query, would cross the network in clear text; pure.
+
+    `https`/`wss` are fine, and so is any scheme to loopback (127.0.0.0/8, ::1, localhost), where
+    nothing leaves the machine: a local emulator, or a tunnel's local end.
+    """
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "ws"):
+        return False
+    return not _is_loopback(parts.hostname or "")
+
+
+def _is_loopback(host: str) -> bool:
+    name = host.rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):  # RFC 6761: always loopback
+        return True
+    try:
+        address = ip_address(name)
+    except ValueError:
+        return False  # a name: whatever it resolves to, it is not known to stay on this machine
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 BACKOFF_INITIAL = 1.0

@@ -4,14 +4,20 @@ Code never passes secrets to a log call on purpose. Redaction is the second line
 what slips through anyway, such as a library's exception text that quotes a URL: the query values
 that carry credentials, bearer tokens, JWTs and webhook secrets are masked in every line, ours and
 the standard library's.
+
+Every line is one record: structlog's own, and the standard library's, whichever library logged
+it (python-engineio's tracebacks included), rendered by the one handler on the root logger as a
+JSON object per line, or a console line with its line breaks escaped.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, TextIO
 
 import structlog
@@ -38,12 +44,21 @@ def redact(text: str) -> str:
     return text
 
 
+def _redact_value(value: Any, depth: int = 0) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if depth < 4 and isinstance(value, list | tuple):  # e.g. config errors, one per line
+        return [_redact_value(item, depth + 1) for item in value]
+    if depth < 4 and isinstance(value, dict):
+        return {key: _redact_value(item, depth + 1) for key, item in value.items()}
+    return value
+
+
 def _redact_event(
     _logger: Any, _method: str, event: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     for key, value in event.items():
-        if isinstance(value, str):
-            event[key] = redact(value)
+        event[key] = _redact_value(value)
     return event
 
 
@@ -63,20 +78,83 @@ class _LineWriter:
 
 
 class _RedactingHandler(logging.Handler):
-    """The standard library's records (aiohttp, asyncio), redacted, to the same stream."""
+    """Every standard-library record in the process (aiohttp, asyncio, python-engineio, ...),
+    redacted, as one line in the configured format, to the same stream as structlog's lines."""
 
-    def __init__(self, stream: TextIO | None) -> None:
+    def __init__(self, stream: TextIO | None, fmt: str) -> None:
         super().__init__()
         self._stream = stream
-        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._fmt = fmt
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            line = format_record(record, self._fmt)
+        except Exception as exc:  # a record whose message cannot be built (bad %-args)
+            line = format_fields(_unformattable(record, exc), self._fmt)
+        try:
             stream = self._stream or sys.stderr
-            stream.write(redact(self.format(record)) + "\n")
+            stream.write(line + "\n")  # one write per line: lines from both sources never mix
             stream.flush()
         except Exception:
             self.handleError(record)
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, str]:
+    """A standard-library record as the fields of one of structlog's lines, redacted; pure."""
+    fields = {
+        "event": record.getMessage(),
+        "logger": record.name,
+        "level": record.levelname.lower(),
+        "timestamp": _timestamp(record.created),
+    }
+    if record.exc_info and record.exc_info[0] is not None:
+        fields["exception"] = _EXCEPTION_FORMATTER.formatException(record.exc_info)
+    elif record.exc_text:
+        fields["exception"] = record.exc_text
+    if record.stack_info:
+        fields["stack"] = record.stack_info
+    return {key: redact(value) for key, value in fields.items()}
+
+
+def format_fields(fields: Mapping[str, str], fmt: str) -> str:
+    """One line: a JSON object (`json`), or text with line breaks escaped (`console`); pure."""
+    if fmt == "json":
+        return json.dumps(fields)  # ensure_ascii: every line break inside is escaped too
+    head = (
+        f"{fields['timestamp']} [{fields['level']:<9}] {fields['event']} logger={fields['logger']}"
+    )
+    tail = "".join(f" {key}={fields[key]}" for key in ("exception", "stack") if key in fields)
+    return _escape_line_breaks(head + tail)
+
+
+def format_record(record: logging.LogRecord, fmt: str) -> str:
+    return format_fields(record_fields(record), fmt)
+
+
+def _unformattable(record: logging.LogRecord, error: Exception) -> dict[str, str]:
+    return {
+        "event": redact(f"unformattable log record: {record.msg!r} ({type(error).__name__})"),
+        "logger": record.name,
+        "level": record.levelname.lower(),
+        "timestamp": _timestamp(record.created),
+    }
+
+
+def _timestamp(created: float) -> str:
+    """The same form as structlog's TimeStamper(fmt="iso", utc=True)."""
+    return datetime.fromtimestamp(created, UTC).isoformat().replace("+00:00", "Z")
+
+
+_EXCEPTION_FORMATTER = logging.Formatter()
+
+# Everything str.splitlines() would split on (journald and `grep` split on fewer), escaped.
+_LINE_BREAKS = {
+    code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F, 0x85) if chr(code) != "\t"
+} | {ord("\n"): "\\n", ord("\r"): "\\r", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
+def _escape_line_breaks(text: str) -> str:
+    return text.translate(_LINE_BREAKS)
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
@@ -100,9 +178,36 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
         logger_factory=lambda *_: _LineWriter(stream),
         cache_logger_on_first_use=False,
     )
+    _route_every_record_to(_RedactingHandler(stream, fmt), max(numeric, logging.WARNING))
+
+
+# python-engineio and python-socketio give the default logger of each client and server they
+# build (`engineio.client`, `socketio.server`, ...) a StreamHandler of their own when that logger's
+# level is still NOTSET: a second copy of every record, raw (unredacted) and over as many lines as
+# its traceback. A level of our own on those loggers means that branch never runs. ERROR, because
+# at INFO engineio logs every packet and the connection URL with its credential query.
+_LIBRARY_LEVELS = {
+    "engineio": logging.ERROR,
+    "socketio": logging.ERROR,
+    "engineio.client": logging.ERROR,
+    "engineio.server": logging.ERROR,
+    "socketio.client": logging.ERROR,
+    "socketio.server": logging.ERROR,
+}
+
+
+def _route_every_record_to(handler: logging.Handler, level: int) -> None:
+    """Make `handler`, on the root logger, the only one any record in the process reaches."""
     root = logging.getLogger()
-    root.handlers[:] = [_RedactingHandler(stream)]
-    root.setLevel(max(numeric, logging.WARNING))
-    # engineio logs connection URLs (with the credential query) at INFO: keep it to errors.
-    for name in ("engineio", "socketio"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name, library_level in _LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(library_level)
+    # Whatever any library attached before now (or since the last configure) goes, and every
+    # logger passes its records up to the root: one handler, one format, redacted.
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            logger.handlers.clear()
+            logger.propagate = True
+    # warnings.warn() prints to stderr itself, over two lines; as a record it is one line too.
+    logging.captureWarnings(True)

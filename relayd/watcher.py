@@ -45,6 +45,7 @@ from relayd.graph import (
     backoff_delay,
     parse_notification_event,
     retry_delay,
+    travels_unencrypted,
 )
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 
@@ -67,8 +68,18 @@ OUTBOX_RETRY = 1.0
 # On stop, how long what the inbox holds may take to reach the outbox. Below the supervisor's
 # WATCHER_STOP_TIMEOUT, so that what cannot be written is counted and said, not cut short.
 FLUSH_TIMEOUT = 5.0
+# python-engineio's read loop gives up on a line after pingInterval + pingTimeout of silence, both
+# taken from the server's OPEN packet: a server that announced a day and went quiet would keep a
+# dead drive "connected" for a day. Engine.IO's defaults, which Graph announces, are 25 s and
+# 20 s; these caps are 12x and 6x that, so no sane server is cut short, and a silent line is
+# noticed within 7 minutes whatever was announced. A server that really pings less often than
+# this gets a reconnect (a fresh endpoint and a resync) every 7 minutes, not a dead socket.
+MAX_PING_INTERVAL = 5 * 60.0
+MAX_PING_TIMEOUT = 2 * 60.0
 
 T = TypeVar("T")
+
+_log = structlog.get_logger("relayd.watcher")
 
 
 class DriveState(StrEnum):
@@ -259,12 +270,33 @@ class _InlineEngineIOClient(engineio.AsyncClient):  # type: ignore[misc]
     an idle drive's CPU, and an idle drive does nothing else (200 pings/s at 5,000 drives).
     """
 
+    ping_interval: float  # seconds, from the server's OPEN packet (None before it)
+    ping_timeout: float
+
     async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
+        if event == "connect":
+            # Fired once the OPEN packet is read (ping_interval and ping_timeout set from it)
+            # and before the read loop starts, which reads both again for every packet's wait.
+            self._cap_ping_times()
         # Only Socket.IO EVENT packets ("2..."): a DISCONNECT ("1...") handler awaits the read
         # loop itself, which it cannot do from inside it.
         if event == "message" and args and isinstance(args[0], str) and args[0][:1] == "2":
             kwargs["run_async"] = False
         return await super()._trigger_event(event, *args, **kwargs)
+
+    def _cap_ping_times(self) -> None:
+        """Trust the server's ping times only up to the caps (see MAX_PING_INTERVAL). Logged
+        from the drive's task, which binds the drive's name to its lines."""
+        interval, timeout = self.ping_interval, self.ping_timeout
+        self.ping_interval = min(interval, MAX_PING_INTERVAL)
+        self.ping_timeout = min(timeout, MAX_PING_TIMEOUT)
+        if (self.ping_interval, self.ping_timeout) != (interval, timeout):
+            _log.warning(
+                "server announced ping times beyond the caps; a silent line is noticed sooner",
+                ping_interval=interval,
+                ping_timeout=timeout,
+                capped_to=[self.ping_interval, self.ping_timeout],
+            )
 
     async def _send_packet(self, pkt: engineio.packet.Packet) -> None:
         if (
@@ -519,6 +551,7 @@ class DriveWatcher:
         async with self._gate.slot():
             subscription = await self._graph.socketio_endpoint(self.drive.resource, bearer)
             self.status.endpoint = subscription.target.display
+            self._warn_if_unencrypted(subscription)
             self._generation += 1
             connection = _Connection(self, subscription, self._generation)
             await connection.open()
@@ -550,6 +583,19 @@ class DriveWatcher:
         self.log.info("endpoint renewed")
         self._connected("renewal")
         return fresh
+
+    _warned_unencrypted = False  # set on the instance once its drive has been warned about
+
+    def _warn_if_unencrypted(self, subscription: Subscription) -> None:
+        """Once per drive, not at every renewal: a plain http/ws notificationUrl off loopback."""
+        if self._warned_unencrypted or not travels_unencrypted(subscription.target.display):
+            return
+        self._warned_unencrypted = True
+        self.log.warning(
+            "notificationUrl is not encrypted (plain http/ws to a host that is not loopback):"
+            " the socket and its credential cross the network in clear text",
+            endpoint=subscription.target.display,  # without the query: that is the credential
+        )
 
     # -- notifications ----------------------------------------------------------------------------
 

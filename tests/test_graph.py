@@ -7,6 +7,7 @@ import pytest
 
 from relayd.graph import (
     MAX_EVENT_BYTES,
+    MAX_EVENT_DEPTH,
     InvalidGraphResponse,
     MalformedNotification,
     parse_graph_error,
@@ -15,6 +16,7 @@ from relayd.graph import (
     parse_retry_after,
     parse_subscription,
     parse_timestamp,
+    travels_unencrypted,
 )
 
 
@@ -123,3 +125,49 @@ def test_notification_event_is_a_json_string_with_items_kept_whole() -> None:
 def test_malformed_events_say_what_is_wrong(payload: object, reason: str) -> None:
     with pytest.raises(MalformedNotification, match=reason):
         parse_notification_event(payload)
+
+
+def nested(depth: int) -> str:
+    """A notification whose one item holds arrays `depth` deep in an unknown field."""
+    return '{"value": [{"resource": "r", "deep": ' + "[" * depth + "]" * depth + "}]}"
+
+
+@pytest.mark.parametrize("depth", [MAX_EVENT_DEPTH, 500, 100_000])
+def test_a_notification_nested_too_deeply_is_malformed_not_a_recursion_error(depth: int) -> None:
+    # 100,000 deep: past the parser's recursion limit (RecursionError). 500: the parser copes, but
+    # what comes after it (json.dumps into a webhook body, deeper in the stack) need not.
+    payload = nested(depth)
+    with pytest.raises(MalformedNotification, match="nested too deeply") as raised:
+        parse_notification_event(payload)
+    assert "[[" not in str(raised.value)  # the payload is not echoed
+
+
+def test_a_notification_within_the_depth_limit_parses_and_encodes() -> None:
+    # Three levels are the envelope ({"value": [{...}]}); the rest is the item's own nesting.
+    [item] = parse_notification_event(nested(MAX_EVENT_DEPTH - 3))
+    assert json.loads(json.dumps(item)) == item
+
+
+@pytest.mark.parametrize(
+    ("url", "unencrypted"),
+    [
+        ("https://southcentralus1-7.pushnp.svc.ms/notifications", False),
+        ("wss://push.example.com/notifications", False),
+        ("http://push.example.com/notifications", True),
+        ("ws://push.example.com/notifications", True),
+        ("HTTP://Push.Example.COM:8080/zbaehwg", True),
+        ("http://10.0.0.7/notifications", True),  # private is not loopback: it crosses a network
+        ("http://[2001:db8::1]/notifications", True),
+        ("http://127.0.0.1:8080/notifications", False),
+        ("http://127.8.9.10/notifications", False),
+        ("ws://[::1]:9000/notifications", False),
+        ("http://[::ffff:127.0.0.1]/notifications", False),
+        ("http://localhost/notifications", False),
+        ("http://LOCALHOST./notifications", False),
+        ("http://emulator.localhost/notifications", False),
+        ("http://localhost.example.com/notifications", True),
+        ("http://127.0.0.1.nip.io/notifications", True),
+    ],
+)
+def test_plain_http_off_loopback_is_unencrypted(url: str, unencrypted: bool) -> None:
+    assert travels_unencrypted(url) is unencrypted

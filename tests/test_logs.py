@@ -1,12 +1,26 @@
-"""Credentials never reach a log line, even when a library puts them in a message."""
+"""Credentials never reach a log line, even when a library puts them in a message; every record,
+whichever library logged it, is one line of the configured format."""
 
+from __future__ import annotations
+
+import contextlib
 import io
 import json
 import logging
+import signal
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
+import engineio
+import pytest
+import socketio
 import structlog
+from aiohttp import web
+from support.waiting import wait_until
+from test_cli import RelayProcess, write_config
 
 from relayd import logs
+from relayd.emulator import GraphEmulator, WebhookReceiver
 
 
 def test_redact_masks_query_credentials_bearer_jwt_and_secrets() -> None:
@@ -21,15 +35,153 @@ def test_redact_masks_query_credentials_bearer_jwt_and_secrets() -> None:
     assert "applicationId=app" in masked
 
 
-def test_structlog_and_stdlib_lines_are_redacted_json() -> None:
-    stream = io.StringIO()
+@pytest.fixture
+def stream() -> Iterator[io.StringIO]:
+    """Logging configured to a buffer for the test, back to stderr after it."""
+    buffer = io.StringIO()
+    yield buffer
+    logs.configure("debug", "console")
+
+
+def test_structlog_and_stdlib_lines_are_redacted_json(stream: io.StringIO) -> None:
     logs.configure("info", "json", stream=stream)
-    try:
-        structlog.get_logger("t").info("connecting", url="wss://h/?token=LEAK1", drive="d1")
-        logging.getLogger("aiohttp.client").warning("failed for Bearer LEAK2")
-    finally:
-        logs.configure("info", "json")
+    structlog.get_logger("t").info("connecting", url="wss://h/?token=LEAK1", drive="d1")
+    logging.getLogger("aiohttp.client").warning("failed for Bearer LEAK2")
+    structlog.get_logger("t").error("refused", errors=["line 1: ?token=LEAK3"])
     output = stream.getvalue()
-    assert "LEAK1" not in output and "LEAK2" not in output
+    assert "LEAK1" not in output and "LEAK2" not in output and "LEAK3" not in output
     first = json.loads(output.splitlines()[0])
     assert first["drive"] == "d1" and first["event"] == "connecting" and first["level"] == "info"
+
+
+def failing_record(logger: logging.Logger) -> None:
+    """What python-engineio does when a handler raises: an error with a traceback."""
+    try:
+        raise ValueError("bad packet from wss://h/socket.io/?token=LEAK4\nsecond line")
+    except ValueError:
+        logger.exception("message async handler error")
+
+
+def test_a_library_traceback_is_one_json_object_per_line(stream: io.StringIO) -> None:
+    logs.configure("info", "json", stream=stream)
+    failing_record(logging.getLogger("engineio.client"))
+    [line] = stream.getvalue().splitlines()
+    record = json.loads(line)
+    assert record["event"] == "message async handler error"
+    assert (record["logger"], record["level"]) == ("engineio.client", "error")
+    assert record["timestamp"].endswith("Z")
+    assert "Traceback" in record["exception"] and "second line" in record["exception"]
+    assert "LEAK4" not in line
+
+
+def test_console_lines_escape_line_breaks_and_a_reload_reaches_library_loggers(
+    stream: io.StringIO,
+) -> None:
+    logs.configure("info", "json", stream=stream)
+    failing_record(logging.getLogger("engineio.client"))
+    # A reload that changes the format: the same library logger now writes console lines.
+    logs.configure("info", "console", stream=stream)
+    failing_record(logging.getLogger("engineio.client"))
+    logging.getLogger("asyncio").error("one\r\ntwo\u2028three")
+    first, second, third = stream.getvalue().splitlines()
+    assert json.loads(first)["logger"] == "engineio.client"
+    assert second.startswith("20") and "[error" in second and "logger=engineio.client" in second
+    assert "Traceback" in second and "\\n" in second and "LEAK4" not in second
+    assert third.endswith("one\\r\\ntwo\\u2028three logger=asyncio")
+
+
+def test_a_record_that_cannot_be_formatted_is_still_one_line(stream: io.StringIO) -> None:
+    logs.configure("info", "json", stream=stream)
+    logging.getLogger("somelib").error("%s and %s", "only one")
+    [line] = stream.getvalue().splitlines()
+    assert json.loads(line)["event"].startswith("unformattable log record")
+
+
+def test_python_engineio_and_socketio_add_no_handler_of_their_own(stream: io.StringIO) -> None:
+    # As in a fresh process: their default loggers untouched, nothing attached yet.
+    for name in ("engineio.client", "engineio.server", "socketio.client", "socketio.server"):
+        logging.getLogger(name).setLevel(logging.NOTSET)
+        logging.getLogger(name).handlers.clear()
+    stray = logging.StreamHandler(io.StringIO())
+    logging.getLogger("somelib").addHandler(stray)  # any library's own, attached before
+    logs.configure("info", "json", stream=stream)
+    # Building a client or a server is when they attach a StreamHandler to a NOTSET logger.
+    socketio.AsyncClient(reconnection=False, handle_sigint=False)
+    engineio.AsyncClient(handle_sigint=False)
+    socketio.AsyncServer(async_mode="aiohttp")
+    attached = {
+        name: logger.handlers
+        for name, logger in logging.Logger.manager.loggerDict.items()
+        if isinstance(logger, logging.Logger) and logger.handlers
+    }
+    assert attached == {}
+    for name in ("engineio.client", "socketio.client", "engineio.server", "somelib"):
+        logging.getLogger(name).error("once")
+    assert len(stream.getvalue().splitlines()) == 4
+
+
+# -- the daemon, as it runs -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def misbehaving_push_service() -> AsyncIterator[tuple[int, list[str]]]:
+    """A push service that completes the Engine.IO and Socket.IO handshakes, then sends what
+    python-engineio logs as errors: an Engine.IO packet out of place, and a Socket.IO event that
+    is not JSON (python-socketio's decoder raises; python-engineio logs the traceback)."""
+    seen: list[str] = []
+
+    async def socket(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        opening = {"sid": "s1", "upgrades": [], "pingInterval": 25000, "pingTimeout": 20000}
+        await ws.send_str("0" + json.dumps(opening))
+        joining = await ws.receive_str(timeout=10)  # 40/notifications,{...}
+        namespace = joining[2:].partition(",")[0]
+        await ws.send_str(f'40{namespace},{{"sid":"n1"}}')
+        await ws.send_str("5")  # UPGRADE, on a socket that asked for none
+        await ws.send_str(f'42{namespace},["notification", not json')
+        seen.append(request.query_string)
+        async for _ in ws:  # until relayd closes it
+            pass
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/socket.io/", socket)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield runner.addresses[0][1], seen
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.timeout(90)
+async def test_the_daemons_stderr_is_json_lines_only_and_holds_no_secret(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
+) -> None:
+    relay = RelayProcess(write_config(tmp_path, emulator, receiver))  # json logs, debug level
+    async with misbehaving_push_service() as (port, seen):
+        emulator.push_base_url = f"http://127.0.0.1:{port}"
+        try:
+            await relay.start()
+            await wait_until(lambda: seen, timeout=30, what="relayd at the push service")
+            await wait_until(
+                lambda: "message async handler error" in relay.log.read_text(),
+                what="python-engineio's error",
+            )
+            relay.signal(signal.SIGTERM)
+            assert await relay.wait() == 0
+        finally:
+            await relay.stop()
+    text = relay.log.read_text()
+    records = [json.loads(line) for line in text.splitlines()]  # every line, or this fails
+    [handler_error] = [r for r in records if r["event"] == "message async handler error"]
+    assert (handler_error["logger"], handler_error["level"]) == ("engineio.client", "error")
+    assert "Traceback" in handler_error["exception"] and "timestamp" in handler_error
+    assert any(r["event"].startswith("Received unexpected packet") for r in records)
+    assert any(r["event"] == "stopped" for r in records)
+    secrets = emulator.issued_secrets()
+    assert secrets and f"token={secrets[0]}" in seen[0]  # the credential did travel, unlogged
+    assert not any(secret in text for secret in secrets)

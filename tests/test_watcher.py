@@ -6,15 +6,19 @@ SQLite outbox; the receiver sees what a user's webhook would.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import structlog
 from conftest import TOKEN, StartRelay, relay_config, seqs, wait_notifications
 from support.proxy import FreezableProxy
 from support.waiting import stays_true, wait_until
 
+from relayd import watcher
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.watcher import DriveState
 
@@ -307,3 +311,109 @@ async def test_many_drives_start_as_a_paced_stream_not_a_stampede(
     )
     assert time.monotonic() - started >= 1.9  # 20 starts at 10/s
     assert sum(emulator.endpoint_requests.values()) == 20  # nothing refused, nothing retried
+
+
+def nested_notification(depth: int) -> str:
+    """A notification event whose one item nests arrays `depth` deep."""
+    return '{"value": [{"resource": "r", "deep": ' + "[" * depth + "]" * depth + "}]}"
+
+
+async def test_a_notification_nested_100_000_deep_is_malformed_and_the_next_one_flows(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    await relay.connected()
+    # 100,000 deep is past the parser's recursion limit; 600 deep parses, but is no notification.
+    for depth in (100_000, 600):
+        await emulator.emit("me", raw=nested_notification(depth))
+    status = relay.watcher().status
+    await wait_until(lambda: status.malformed == 2, what="both counted as malformed")
+    await emulator.emit("me")
+    assert seqs(await wait_notifications(receiver, 1)) == [1]
+    assert len(receiver.delivered("hook")) == 1  # nothing else was posted
+    assert (status.received, status.reconnects) == (1, 0)
+    assert status.state is DriveState.CONNECTED and emulator.connected("me") == 1
+
+
+async def test_a_plain_http_notification_url_off_loopback_is_warned_about_once(
+    tmp_path: Path,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # push.example.test is not loopback by name; only this test's DNS points it at the emulator.
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host: Any, *args: Any, **kwargs: Any) -> Any:
+        return real_getaddrinfo(
+            "127.0.0.1" if host == "push.example.test" else host, *args, **kwargs
+        )
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    monkeypatch.setattr(watcher, "RENEW_FLOOR", 0.5)  # a 2 s lifetime renews every second
+    async with GraphEmulator(tokens=[TOKEN], lifetime=2) as graph:
+        graph.push_base_url = f"http://push.example.test:{graph.port}"
+        with structlog.testing.capture_logs() as lines:
+            relay = await start_relay(relay_config(tmp_path, graph, receiver))
+            await wait_until(lambda: relay.watcher().status.renewals >= 2, what="two renewals")
+            await graph.emit("me")
+            assert seqs(await wait_notifications(receiver, 1)) == [1]
+        secrets = graph.issued_secrets()
+    warned = [line for line in lines if "not encrypted" in line["event"]]
+    assert len(warned) == 1, warned  # once for the drive, not at each of its three endpoints
+    assert warned[0]["endpoint"] == f"http://push.example.test:{graph.port}/notifications"
+    assert warned[0]["log_level"] == "warning"
+    assert len(secrets) == 3 and not any(secret in repr(lines) for secret in secrets)
+
+
+async def test_a_drive_on_loopback_is_not_warned_about(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    with structlog.testing.capture_logs() as lines:
+        relay = await start_relay()
+        await relay.connected()
+    assert [line for line in lines if "not encrypted" in line["event"]] == []
+
+
+async def test_a_huge_announced_ping_interval_does_not_hide_a_silent_line(
+    tmp_path: Path,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The server announces a ping a day (and an hour to answer) but pings every 0.3 s. With the
+    # caps at 1 s + 0.5 s, a line that goes silent is noticed after 1.5 s, not after 25 hours.
+    monkeypatch.setattr(watcher, "MAX_PING_INTERVAL", 1.0)
+    monkeypatch.setattr(watcher, "MAX_PING_TIMEOUT", 0.5)
+    emulator = GraphEmulator(
+        tokens=[TOKEN],
+        ping_interval=0.3,
+        ping_timeout=5,
+        announced_ping_interval=86_400,
+        announced_ping_timeout=3_600,
+    )
+    async with emulator as graph, FreezableProxy(graph.port) as proxy:
+        graph.push_base_url = f"http://127.0.0.1:{proxy.port}"
+        proxied = {"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
+        with structlog.testing.capture_logs() as lines:
+            relay = await start_relay(relay_config(tmp_path, graph, receiver, graph=proxied))
+            await relay.connected()
+        capped = [line for line in lines if "beyond the caps" in line["event"]]
+        assert capped and capped[0]["ping_interval"] == 86_400
+        # While pings flow, the capped read timeout never fires: the first connection stays.
+        await stays_true(
+            lambda: relay.watcher().status.reconnects == 0, seconds=3, what="the first connection"
+        )
+        proxy.freeze()  # no close, no ping: just silence
+        await wait_until(
+            lambda: relay.watcher().status.reconnects == 1, timeout=6, what="silence noticed"
+        )
+        proxy.thaw()
+        await wait_until(
+            lambda: (
+                relay.watcher().status.state is DriveState.CONNECTED and graph.connects["me"] >= 2
+            ),
+            what="reconnected",
+        )
+        await graph.emit("me")
+        assert seqs(await wait_notifications(receiver, 1)) == [1]

@@ -148,11 +148,15 @@ class _EngineIOServer(engineio.AsyncServer):  # type: ignore[misc]
       before the multiplication), so a fractional interval would be announced truncated, 0 for
       anything under a second. The OPEN packet still sits unsent in the socket's queue when the
       connect event fires, so the exact value is written into it there.
+    * The same place can announce other ping times than the real ones (`announced_*`): a
+      server that says "a ping a day" and then goes quiet, for relays to be tested against.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.owned_tasks: set[asyncio.Task[Any]] = set()
+        self.announced_ping_interval: float | None = None
+        self.announced_ping_timeout: float | None = None
 
     def start_background_task(self, target: Any, *args: Any, **kwargs: Any) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = super().start_background_task(target, *args, **kwargs)
@@ -170,7 +174,10 @@ class _EngineIOServer(engineio.AsyncServer):  # type: ignore[misc]
         pending = getattr(getattr(sock, "queue", None), "_queue", ())
         for pkt in pending:
             if pkt.packet_type == engineio.packet.OPEN and isinstance(pkt.data, dict):
-                pkt.data["pingInterval"] = round(self.ping_interval * 1000)
+                interval = self.announced_ping_interval or self.ping_interval
+                pkt.data["pingInterval"] = round(interval * 1000)
+                if self.announced_ping_timeout is not None:
+                    pkt.data["pingTimeout"] = round(self.announced_ping_timeout * 1000)
 
 
 class _SocketIOServer(socketio.AsyncServer):  # type: ignore[misc]
@@ -201,6 +208,8 @@ class GraphEmulator:
         expiry: ExpiryBehaviour = "close",
         ping_interval: float = 25.0,
         ping_timeout: float = 20.0,
+        announced_ping_interval: float | None = None,
+        announced_ping_timeout: float | None = None,
         push_base_url: str | None = None,
     ) -> None:
         if url_form not in ("notifications", "callback"):
@@ -209,6 +218,8 @@ class GraphEmulator:
             raise ValueError(f"expiry must be 'close' or 'quiet', not {expiry!r}")
         if ping_interval <= 0 or ping_timeout <= 0:
             raise ValueError("ping_interval and ping_timeout must be positive")
+        if any(v is not None and v <= 0 for v in (announced_ping_interval, announced_ping_timeout)):
+            raise ValueError("announced ping times must be positive")
         self.host = host
         self.port = port
         self.url_form: UrlForm = url_form
@@ -218,6 +229,9 @@ class GraphEmulator:
         self._lifetime = float(lifetime)
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
+        # What the OPEN packet says instead of the real times (None: the real ones), so a test
+        # can meet a server that announces a huge interval while it pings at another.
+        self._announced_ping = (announced_ping_interval, announced_ping_timeout)
 
         self.endpoint_requests: collections.Counter[str] = collections.Counter()
         self.connects: collections.Counter[str] = collections.Counter()
@@ -273,6 +287,8 @@ class GraphEmulator:
             logger=False,
             engineio_logger=False,
         )
+        eio = self._sio.eio
+        eio.announced_ping_interval, eio.announced_ping_timeout = self._announced_ping
         for namespace in (NOTIFICATIONS_NAMESPACE, CALLBACK_NAMESPACE):
             self._register_namespace(namespace)
         # A client that passes the notificationUrl as is joins "/" and, as with the real service,
@@ -787,6 +803,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--expiry", choices=("close", "quiet"), default="close")
     parser.add_argument("--ping-interval", type=float, default=25.0)
     parser.add_argument("--ping-timeout", type=float, default=20.0)
+    parser.add_argument(
+        "--announced-ping-interval",
+        type=float,
+        default=None,
+        help="what the OPEN packet announces instead of --ping-interval",
+    )
+    parser.add_argument(
+        "--announced-ping-timeout",
+        type=float,
+        default=None,
+        help="what the OPEN packet announces instead of --ping-timeout",
+    )
     parser.add_argument("--push-base-url", default=None)
     return parser.parse_args(argv)
 
@@ -805,6 +833,8 @@ async def _serve(args: argparse.Namespace) -> None:
         expiry=args.expiry,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        announced_ping_interval=args.announced_ping_interval,
+        announced_ping_timeout=args.announced_ping_timeout,
         push_base_url=args.push_base_url,
     )
     async with emulator:

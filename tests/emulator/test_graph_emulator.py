@@ -510,3 +510,22 @@ async def test_module_entry_point_serves_until_sigterm() -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_announced_ping_times_can_differ_from_the_real_ones(
+    http: aiohttp.ClientSession,
+) -> None:
+    # A server that says "a ping a day" and pings every 0.2 s: what relays must not trust.
+    async with GraphEmulator(
+        ping_interval=0.2,
+        ping_timeout=0.5,
+        announced_ping_interval=86_400,
+        announced_ping_timeout=3_600,
+    ) as emu:
+        sub = await subscribe(http, emu)
+        parts = urlsplit(sub["notificationUrl"])
+        url = f"ws://{parts.netloc}/socket.io/?EIO=4&transport=websocket&{parts.query}"
+        async with http.ws_connect(url) as ws:
+            opening = json.loads((await ws.receive_str(timeout=5)).removeprefix("0"))
+            assert (opening["pingInterval"], opening["pingTimeout"]) == (86_400_000, 3_600_000)
+            assert await ws.receive_str(timeout=2) == "2"  # pinged at the real interval
