@@ -39,7 +39,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Delivery, Outbox, OutboxError
+from relayd.outbox import Outbox, OutboxError, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher
 
@@ -346,14 +346,11 @@ class Supervisor:
 
     # -- the outbox's Router: new rows go to the webhook's dispatcher -----------------------------
 
-    def reserve(self, webhook: str, count: int) -> int:
+    def reserve(self, webhook: str, count: int) -> Reservation | None:
+        # The reservation is the dispatcher's own: its rows go to it, or back to the queue if
+        # a reload stopped it meanwhile, never to whichever dispatcher has the name by then.
         dispatcher = self.dispatchers.get(webhook)
-        return 0 if dispatcher is None else dispatcher.reserve(count)
-
-    def hand_over(self, webhook: str, reserved: int, rows: list[Delivery]) -> None:
-        dispatcher = self.dispatchers.get(webhook)
-        if dispatcher is not None:
-            dispatcher.hand_over(reserved, rows)
+        return None if dispatcher is None else dispatcher.reserve(count)
 
     def wake(self, webhook: str) -> None:
         dispatcher = self.dispatchers.get(webhook)
