@@ -91,14 +91,18 @@ class Attempt:
 
 
 def conclude(row: Delivery, attempt: Attempt, policy: RetryConfig, now: float) -> AttemptResult:
-    """Turn one attempt into the row's next state; pure."""
+    """Turn one attempt into the row's next state; pure.
+
+    A `retry_from` in the future (written while the clock ran ahead) counts as now: otherwise
+    max_age would not begin until the clock caught up, and the row would retry that long.
+    """
     verdict = judge(attempt.status)
     next_attempt: float | None = None
     state = State.DELIVERED
     error = attempt.error
     if verdict == "retry":
         next_attempt = now + retry_delay(row.attempts + 1, policy, retry_after=attempt.retry_after)
-        if next_attempt - row.retry_from > policy.max_age:
+        if next_attempt - min(row.retry_from, now) > policy.max_age:
             state, next_attempt = State.DEAD, None
             error = f"{error or f'HTTP {attempt.status}'}; gave up after max_age"
         else:
@@ -256,7 +260,9 @@ class Dispatcher:
                 # All that was due is claimed; what remains waits for a retry time, unless rows
                 # were added while the claim ran.
                 self._store_has_due = self._wakes != wakes
-                self._next_due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
+                self._next_due = await self._outbox.next_due(
+                    self.name, ordered=self.config.ordered, horizon=self.config.retry.max_delay
+                )
         while self._ready and len(self._posting) < self._limit and not self._stopping:
             row = self._ready.popleft()
             task = asyncio.create_task(self._deliver(row), name=f"relayd-deliver-{row.id}")

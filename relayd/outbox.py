@@ -166,6 +166,9 @@ class Filter:
         return (" AND ".join(clauses) or "1"), params
 
 
+REPLAYABLE = (State.DEAD, State.PENDING)  # what `replay` reaches: dead rows unless asked
+
+
 @dataclass(frozen=True)
 class Summary:
     """Counts per (webhook, state), and the oldest pending row's creation time per webhook."""
@@ -715,21 +718,36 @@ class Outbox:
                     (webhook, State.PENDING.value, now, limit),
                 ).fetchall()
             connection.executemany(
-                "UPDATE deliveries SET state = ? WHERE id = ?",
-                [(State.INFLIGHT.value, row[0]) for row in rows],
+                "UPDATE deliveries SET state = ?, retry_from = MIN(retry_from, ?) WHERE id = ?",
+                [(State.INFLIGHT.value, now, row[0]) for row in rows],
             )
-            return [Delivery(*row) for row in rows]
+            return [
+                Delivery(
+                    row_id, message_id, name, drive, body, created, min(retry_from, now), attempts
+                )
+                for row_id, message_id, name, drive, body, created, retry_from, attempts in rows
+            ]
 
         return await self._submit(take)
 
-    async def next_due(self, webhook: str, *, ordered: bool = False) -> float | None:
+    async def next_due(
+        self, webhook: str, *, ordered: bool = False, horizon: float | None = None
+    ) -> float | None:
         """When `claim` will next have a row for the webhook, if any waits.
 
         For an ordered webhook that is when the oldest waiting row becomes due, and never while
         a row is in flight: rows behind the head are not claimable however long they have waited.
+
+        `horizon` is the webhook's `retry.max_delay`: no backoff sets a retry further ahead than
+        that, so a row due later was written while the clock ran ahead. Such rows are made due
+        now first (and their `retry_from` too, if it lies ahead), instead of waiting for the
+        clock to catch up. One index lookup when there are none.
         """
+        now = self._clock()
 
         def query(connection: sqlite3.Connection) -> float | None:
+            if horizon is not None:
+                _due_now_if_beyond(connection, webhook, now, horizon)
             if ordered:
                 if connection.execute(
                     "SELECT 1 FROM deliveries WHERE webhook = ? AND state = ? LIMIT 1",
@@ -902,31 +920,44 @@ class Outbox:
         """Put dead rows back in the queue, due now, with a fresh max_age and backoff.
 
         `attempts` restarts from zero, so the first retry after a replay waits `initial_delay`,
-        not the `max_delay` the row had reached before it died."""
-        where, params = selection.where()
+        not the `max_delay` the row had reached before it died. Waiting rows are reached only
+        when the selection asks for them (`state=PENDING`): they become due now, with the same
+        fresh start. Rows in flight are a dispatcher's, and never touched.
+        """
+        state = selection.state or State.DEAD
+        if state not in REPLAYABLE:
+            what = "rows in flight" if state is State.INFLIGHT else f"{state.value} ones"
+            raise ValueError(f"replay reaches dead or pending rows, not {what}")
+        where, params = replace(selection, state=state).where()
         now = self._clock()
 
         def update(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "UPDATE deliveries SET state = ?, next_attempt = ?, retry_from = ?,"
-                f" finished = NULL, attempts = 0 WHERE {where} AND state = ?"
-                " AND finished IS NOT NULL",
-                [State.PENDING.value, now, now, *params, State.DEAD.value],
+                f" finished = NULL, attempts = 0 WHERE {where}",
+                [State.PENDING.value, now, now, *params],
             )
             return cursor.rowcount
 
         return int(await self._submit(update, durable=True, heavy=True))
 
     async def purge(self, selection: Filter) -> int:
-        """Delete the selected rows that are finished (dead or delivered); never queued ones."""
+        """Delete the selected rows that are finished (dead or delivered).
+
+        Waiting rows only when the selection asks for them (`state=PENDING`): those no
+        dispatcher holds, since a claim marks a row in flight in the same transaction that
+        hands it out. Rows in flight are never deleted.
+        """
+        if selection.state is State.INFLIGHT:
+            raise ValueError("purge never deletes rows in flight: a dispatcher holds them")
         where, params = selection.where()
+        if selection.state is None:
+            where += " AND state IN ('dead', 'delivered') AND finished IS NOT NULL"
 
         def delete(connection: sqlite3.Connection) -> int:
-            cursor = connection.execute(
-                f"DELETE FROM deliveries WHERE {where} AND state IN ('dead', 'delivered')"
-                " AND finished IS NOT NULL",
-                params,
-            )
+            cursor = connection.execute(f"DELETE FROM deliveries WHERE {where}", params)
             return cursor.rowcount
 
-        return int(await self._submit(delete, heavy=True))
+        # Durable when it deletes waiting rows: a power cut must not bring them back to be sent.
+        durable = selection.state is State.PENDING
+        return int(await self._submit(delete, durable=durable, heavy=True))
