@@ -187,7 +187,11 @@ class MemoryOutbox:
             for r in rows
         ]
 
-    async def next_due(self, webhook: str, *, ordered: bool = False) -> float | None:
+    async def next_due(
+        self, webhook: str, *, ordered: bool = False, horizon: float | None = None
+    ) -> float | None:
+        # `horizon` is ignored: nothing here outlives the process, so no row can date from a
+        # clock that was later corrected.
         self._check()
         if ordered:
             if self._inflight.get(webhook, 0):

@@ -206,12 +206,30 @@ async def _outbox_command(args: argparse.Namespace, config: Config) -> int:
                         f" {row['state']:<9} {row['attempts']:>5} {row['last_status'] or '-':>6}"
                         f" {latency:>7}  {_when(row['created'])} {row['last_error'] or ''}"
                     )
-        elif args.action == "replay":
+        elif args.action in ("replay", "purge"):
+            return await _repair(outbox, args.action, selection)
+    return 0
+
+
+async def _repair(outbox: Outbox, action: str, selection: Filter) -> int:
+    """`outbox replay` (dead rows, or waiting ones with --state pending) and `outbox purge`
+    (finished rows, or waiting ones with --state pending)."""
+    try:
+        if action == "replay":
             count = await outbox.replay(selection)
-            print(f"{count} dead notifications back in the queue")
-        elif args.action == "purge":
+        else:
             count = await outbox.purge(selection)
-            print(f"{count} finished notifications deleted")
+    except ValueError as exc:  # a state the action never reaches, inflight above all
+        print(f"relayd: outbox {action}: {exc}", file=sys.stderr)
+        return 1
+    waiting = selection.state is State.PENDING
+    if action == "replay":
+        if waiting:
+            print(f"{count} waiting notifications due now, with a fresh backoff and max_age")
+        else:
+            print(f"{count} dead notifications back in the queue")
+    else:
+        print(f"{count} {'waiting' if waiting else 'finished'} notifications deleted")
     return 0
 
 
@@ -341,7 +359,12 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("action", choices=["status", "list", "replay", "purge"])
     outbox.add_argument("--webhook", help="only this webhook")
     outbox.add_argument("--drive", help="only this drive")
-    outbox.add_argument("--state", choices=[s.value for s in State], help="only rows in this state")
+    outbox.add_argument(
+        "--state",
+        choices=[s.value for s in State],
+        help="only rows in this state; replay takes dead (default) or pending, purge takes"
+        " delivered, dead (default: both) or pending",
+    )
     outbox.add_argument(
         "--since", type=_moment, help="created at or after: 2h, or 2026-11-26T10:00"
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import random
 import time
 from collections.abc import Callable
@@ -34,6 +35,11 @@ JITTER = 0.2  # +-20 %, so retries after a shared outage do not arrive in lockst
 # puts rows back without telling us.
 IDLE_POLL = 2.0
 RECORD_RETRY = 1.0
+# How long a stopping dispatcher waits for the commits it reserved rows in to end, so that those
+# rows go back to the queue with the rest of what it holds. A commit takes milliseconds; one that
+# waits for a CLI command's lock can take seconds, and its rows are then refused and put back by
+# the outbox itself (see `Reservation.hand_over`). Well within the supervisor's stop deadline.
+RESERVATION_WAIT = 2.0
 
 Verdict = Literal["delivered", "retry", "dead"]
 
@@ -85,14 +91,18 @@ class Attempt:
 
 
 def conclude(row: Delivery, attempt: Attempt, policy: RetryConfig, now: float) -> AttemptResult:
-    """Turn one attempt into the row's next state; pure."""
+    """Turn one attempt into the row's next state; pure.
+
+    A `retry_from` in the future (written while the clock ran ahead) counts as now: otherwise
+    max_age would not begin until the clock caught up, and the row would retry that long.
+    """
     verdict = judge(attempt.status)
     next_attempt: float | None = None
     state = State.DELIVERED
     error = attempt.error
     if verdict == "retry":
         next_attempt = now + retry_delay(row.attempts + 1, policy, retry_after=attempt.retry_after)
-        if next_attempt - row.retry_from > policy.max_age:
+        if next_attempt - min(row.retry_from, now) > policy.max_age:
             state, next_attempt = State.DEAD, None
             error = f"{error or f'HTTP {attempt.status}'}; gave up after max_age"
         else:
@@ -109,6 +119,26 @@ def conclude(row: Delivery, attempt: Attempt, policy: RetryConfig, now: float) -
         latency=attempt.latency,
         response=attempt.response,
     )
+
+
+class Reservation:
+    """Room one dispatcher set aside for rows of a commit under way: handed to that dispatcher
+    and no other, so a reload that replaces it cannot send them to one that never runs them."""
+
+    __slots__ = ("_dispatcher", "_open", "count")
+
+    def __init__(self, dispatcher: Dispatcher, count: int) -> None:
+        self._dispatcher = dispatcher
+        self._open = True
+        self.count = count
+
+    def hand_over(self, rows: list[Delivery]) -> bool:
+        """The reserved rows, committed and in flight ([] if the commit failed). False: the
+        dispatcher has stopped and took none; the outbox puts them back in the queue."""
+        if not self._open:
+            raise RuntimeError("a reservation is handed over once")
+        self._open = False
+        return self._dispatcher._take(self.count, rows)
 
 
 class Dispatcher:
@@ -138,7 +168,10 @@ class Dispatcher:
         # so a backlog of any size stays on disk.
         self._capacity = 1 if config.ordered else 2 * config.concurrency
         self._ready: collections.deque[Delivery] = collections.deque()
-        self._reserved = 0
+        self._reserved = 0  # rows of reservations not yet handed over
+        self._settled = asyncio.Event()  # set while no reservation is outstanding
+        self._settled.set()
+        self._accepting = True  # False once draining: a hand-over is then refused
         self._store_has_due = True  # the store may hold due rows that we have not claimed
         self._wakes = 0  # wake() calls so far: one during a claim means look again
         self._next_due: float | None = None  # earliest known retry waiting in the store
@@ -156,21 +189,32 @@ class Dispatcher:
         self._wakes += 1
         self._wake.set()
 
-    def reserve(self, count: int) -> int:
-        """Take up to `count` rows straight from their commit (ordered webhooks never do: their
-        order is the store's)."""
+    def reserve(self, count: int) -> Reservation | None:
+        """Take up to `count` rows straight from their commit, or None (ordered webhooks never
+        do: their order is the store's; a stopping dispatcher takes nothing new)."""
         if self.config.ordered or self._stopping:
-            return 0
+            return None
         room = self._capacity - len(self._posting) - len(self._ready) - self._reserved
-        taken = max(0, min(count, room))
+        taken = min(count, room)
+        if taken <= 0:
+            return None
         self._reserved += taken
-        return taken
+        self._settled.clear()
+        return Reservation(self, taken)
 
-    def hand_over(self, reserved: int, rows: list[Delivery]) -> None:
-        """The rows reserved earlier, committed and in flight (none if the commit failed)."""
-        self._reserved = max(0, self._reserved - reserved)
+    def _take(self, reserved: int, rows: list[Delivery]) -> bool:
+        self._reserved -= reserved
+        if self._reserved <= 0:
+            self._reserved = 0
+            self._settled.set()
+        if not rows:
+            return True
+        if not self._accepting:
+            return False
+        # Stopping but not yet drained: the drain puts these back in the queue with the rest.
         self._ready.extend(rows)
         self._wake.set()
+        return True
 
     def stop(self) -> None:
         """Take no new rows; `run` returns once the attempts under way end or are cancelled."""
@@ -195,6 +239,14 @@ class Dispatcher:
                     break
                 await self._idle()
         finally:
+            self._stopping = True  # also when cancelled: reserve nothing more
+            try:
+                # Rows reserved in commits under way are ours: once those end, they are in
+                # `_ready` and the drain puts them back with the rest.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._settled.wait(), RESERVATION_WAIT)
+            finally:
+                self._accepting = False
             await self._drain(grace)
 
     async def _fill(self) -> None:
@@ -208,7 +260,9 @@ class Dispatcher:
                 # All that was due is claimed; what remains waits for a retry time, unless rows
                 # were added while the claim ran.
                 self._store_has_due = self._wakes != wakes
-                self._next_due = await self._outbox.next_due(self.name, ordered=self.config.ordered)
+                self._next_due = await self._outbox.next_due(
+                    self.name, ordered=self.config.ordered, horizon=self.config.retry.max_delay
+                )
         while self._ready and len(self._posting) < self._limit and not self._stopping:
             row = self._ready.popleft()
             task = asyncio.create_task(self._deliver(row), name=f"relayd-deliver-{row.id}")

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -197,6 +197,9 @@ class Filter:
         return (" AND ".join(clauses) or "1"), params
 
 
+REPLAYABLE = (State.DEAD, State.PENDING)  # what `replay` reaches: dead rows unless asked
+
+
 @dataclass(frozen=True)
 class Summary:
     """Counts per (webhook, state), and the oldest pending row's creation time per webhook."""
@@ -262,21 +265,36 @@ class _Queued(NamedTuple):
     heavy: bool  # may take long: the commit runs in the thread, not on the loop
 
 
+class Reservation(Protocol):
+    """Room one dispatcher set aside for new rows of a commit under way.
+
+    It is bound to the dispatcher that made it, not to a webhook's name: a reload may replace
+    the webhook's dispatcher while the commit runs, and the rows must not go to a dispatcher
+    that never saw the reservation, nor to one that has stopped.
+    """
+
+    @property
+    def count(self) -> int:
+        """How many of the rows offered the dispatcher takes (1 or more)."""
+        ...
+
+    def hand_over(self, rows: list[Delivery]) -> bool:
+        """The reserved rows, committed and in flight, or [] if the commit failed. Called
+        exactly once. False: the dispatcher has stopped and took none of them."""
+        ...
+
+
 class Router(Protocol):
     """Where new rows go once committed: the dispatchers, through the supervisor.
 
-    A dispatcher with room takes new rows straight from the commit (`reserve`, then
-    `hand_over`): they are inserted already in flight, so no claim has to read them back. The
-    rest are inserted waiting, and the dispatcher is woken to claim them when it has room.
+    A dispatcher with room takes new rows straight from the commit (`reserve`, then the
+    reservation's `hand_over`): they are inserted already in flight, so no claim has to read
+    them back. The rest are inserted waiting, and the dispatcher is woken to claim them when it
+    has room. Rows a stopped dispatcher refuses go back to waiting, and its webhook is woken.
     """
 
-    def reserve(self, webhook: str, count: int) -> int:
-        """How many of `count` new rows the webhook's dispatcher takes directly (0 to count)."""
-        ...
-
-    def hand_over(self, webhook: str, reserved: int, rows: list[Delivery]) -> None:
-        """The `reserved` rows, committed and in flight: all of them, or [] if the commit
-        failed."""
+    def reserve(self, webhook: str, count: int) -> Reservation | None:
+        """Room for up to `count` new rows in the webhook's dispatcher, or None for none."""
         ...
 
     def wake(self, webhook: str) -> None:
@@ -288,7 +306,7 @@ class Router(Protocol):
 class _Insert:
     """New rows split into those handed straight to a dispatcher and those left waiting."""
 
-    claimed: dict[str, list[NewDelivery]]
+    claimed: list[tuple[Reservation, list[NewDelivery]]]
     waiting: list[NewDelivery]
 
     @classmethod
@@ -296,42 +314,68 @@ class _Insert:
         by_webhook: dict[str, list[NewDelivery]] = {}
         for delivery in deliveries:
             by_webhook.setdefault(delivery.webhook, []).append(delivery)
-        claimed: dict[str, list[NewDelivery]] = {}
+        claimed: list[tuple[Reservation, list[NewDelivery]]] = []
         waiting: list[NewDelivery] = []
         for webhook, rows in by_webhook.items():
-            taken = router.reserve(webhook, len(rows)) if router is not None else 0
-            claimed[webhook] = rows[:taken]
+            reservation = router.reserve(webhook, len(rows)) if router is not None else None
+            taken = 0 if reservation is None else max(0, min(reservation.count, len(rows)))
+            if reservation is not None:
+                claimed.append((reservation, rows[:taken]))
             waiting += rows[taken:]
         return cls(claimed, waiting)
 
-    def run(self, connection: sqlite3.Connection) -> dict[str, list[Delivery]]:
-        """Insert the rows; return the claimed ones as deliveries (they need their ids)."""
+    def run(self, connection: sqlite3.Connection) -> list[list[Delivery]]:
+        """Insert the rows; return the claimed ones as deliveries (they need their ids), one
+        list per reservation."""
         if self.waiting:
             connection.executemany(_INSERT, [_values(d, State.PENDING) for d in self.waiting])
-        handed: dict[str, list[Delivery]] = {}
-        for webhook, rows in self.claimed.items():
-            handed[webhook] = []
+        handed: list[list[Delivery]] = []
+        for _, rows in self.claimed:
+            deliveries: list[Delivery] = []
             for d in rows:
                 (row_id,) = connection.execute(
                     _INSERT + " RETURNING id", _values(d, State.INFLIGHT)
                 ).fetchone()
-                handed[webhook].append(
+                deliveries.append(
                     Delivery(
                         row_id, d.message_id, d.webhook, d.drive, d.body, d.created, d.created, 0
                     )
                 )
+            handed.append(deliveries)
         return handed
 
-    def announce(self, router: Router | None, handed: dict[str, list[Delivery]] | None) -> None:
-        """After the commit (handed) or its failure (None): tell the dispatchers."""
-        if router is None:
-            return
-        for webhook, rows in self.claimed.items():
-            if rows:
-                router.hand_over(webhook, len(rows), handed.get(webhook, []) if handed else [])
-        if handed is not None:
+    def announce(
+        self, router: Router | None, handed: list[list[Delivery]] | None
+    ) -> list[Delivery]:
+        """After the commit (handed) or its failure (None): tell the dispatchers. Returns the
+        rows a stopped dispatcher refused: committed in flight, and nobody's until put back."""
+        refused: list[Delivery] = []
+        for index, (reservation, _) in enumerate(self.claimed):
+            rows = handed[index] if handed is not None else []
+            if not reservation.hand_over(rows):
+                refused += rows
+        if router is not None and handed is not None:
             for webhook in {d.webhook for d in self.waiting}:
                 router.wake(webhook)
+        return refused
+
+
+def _due_now_if_beyond(
+    connection: sqlite3.Connection, webhook: str, now: float, horizon: float
+) -> None:
+    """Make the webhook's waiting rows due later than now + horizon due now."""
+    # MAX over (webhook, state, next_attempt) of deliveries_queue: a single index seek.
+    (latest,) = connection.execute(
+        "SELECT MAX(next_attempt) FROM deliveries WHERE webhook = ? AND state = ?",
+        (webhook, State.PENDING.value),
+    ).fetchone()
+    if latest is None or latest <= now + horizon:
+        return
+    connection.execute(
+        "UPDATE deliveries SET next_attempt = ?, retry_from = MIN(retry_from, ?)"
+        " WHERE webhook = ? AND state = ? AND next_attempt > ?",
+        (now, now, webhook, State.PENDING.value, now + horizon),
+    )
 
 
 class Outbox:
@@ -816,7 +860,7 @@ class Outbox:
             )
         plan = _Insert.plan(deliveries, self._router)
 
-        def insert(connection: sqlite3.Connection) -> dict[str, list[Delivery]]:
+        def insert(connection: sqlite3.Connection) -> list[list[Delivery]]:
             handed = plan.run(connection)
             if also is not None:
                 also(connection)
@@ -829,7 +873,23 @@ class Outbox:
         except BaseException:
             plan.announce(self._router, None)  # give the reservations back
             raise
-        plan.announce(self._router, handed)
+        await self._requeue(plan.announce(self._router, handed))
+
+    async def _requeue(self, refused: list[Delivery]) -> None:
+        """Put rows a stopped dispatcher refused back in the queue, through the writer like any
+        operation, and wake their webhooks: a reload's new dispatcher claims them."""
+        if not refused:
+            return
+        try:
+            await self.release(row.id for row in refused)
+        except OutboxError as exc:
+            # They stay in flight on disk, which the next start puts back in the queue: nothing
+            # is lost, and the notifications the caller wrote are committed all the same.
+            log.error("cannot put refused rows back in the queue", error=str(exc))
+            return
+        if self._router is not None:
+            for webhook in {row.webhook for row in refused}:
+                self._router.wake(webhook)
 
     async def _room_again(self) -> bool:
         """While full, at most once a second: is there room (and the reserve back) now?"""
@@ -846,7 +906,9 @@ class Outbox:
         """Take up to `limit` rows that are due now and mark them in flight.
 
         Ordered webhooks get only the oldest waiting row, and only when nothing is in flight, so
-        a retrying row holds back everything behind it.
+        a retrying row holds back everything behind it. A `retry_from` in the future (written
+        while the clock ran ahead) becomes now, on disk too: max_age counts from there, and
+        would otherwise not start until the clock caught up.
         """
         now = self._clock()
 
@@ -871,21 +933,36 @@ class Outbox:
                     (webhook, State.PENDING.value, now, limit),
                 ).fetchall()
             connection.executemany(
-                "UPDATE deliveries SET state = ? WHERE id = ?",
-                [(State.INFLIGHT.value, row[0]) for row in rows],
+                "UPDATE deliveries SET state = ?, retry_from = MIN(retry_from, ?) WHERE id = ?",
+                [(State.INFLIGHT.value, now, row[0]) for row in rows],
             )
-            return [Delivery(*row) for row in rows]
+            return [
+                Delivery(
+                    row_id, message_id, name, drive, body, created, min(retry_from, now), attempts
+                )
+                for row_id, message_id, name, drive, body, created, retry_from, attempts in rows
+            ]
 
         return await self._submit(take)
 
-    async def next_due(self, webhook: str, *, ordered: bool = False) -> float | None:
+    async def next_due(
+        self, webhook: str, *, ordered: bool = False, horizon: float | None = None
+    ) -> float | None:
         """When `claim` will next have a row for the webhook, if any waits.
 
         For an ordered webhook that is when the oldest waiting row becomes due, and never while
         a row is in flight: rows behind the head are not claimable however long they have waited.
+
+        `horizon` is the webhook's `retry.max_delay`: no backoff sets a retry further ahead than
+        that, so a row due later was written while the clock ran ahead. Such rows are made due
+        now first (and their `retry_from` too, if it lies ahead), instead of waiting for the
+        clock to catch up. One index lookup when there are none.
         """
+        now = self._clock()
 
         def query(connection: sqlite3.Connection) -> float | None:
+            if horizon is not None:
+                _due_now_if_beyond(connection, webhook, now, horizon)
             if ordered:
                 if connection.execute(
                     "SELECT 1 FROM deliveries WHERE webhook = ? AND state = ? LIMIT 1",
@@ -1058,31 +1135,44 @@ class Outbox:
         """Put dead rows back in the queue, due now, with a fresh max_age and backoff.
 
         `attempts` restarts from zero, so the first retry after a replay waits `initial_delay`,
-        not the `max_delay` the row had reached before it died."""
-        where, params = selection.where()
+        not the `max_delay` the row had reached before it died. Waiting rows are reached only
+        when the selection asks for them (`state=PENDING`): they become due now, with the same
+        fresh start. Rows in flight are a dispatcher's, and never touched.
+        """
+        state = selection.state or State.DEAD
+        if state not in REPLAYABLE:
+            what = "rows in flight" if state is State.INFLIGHT else f"{state.value} ones"
+            raise ValueError(f"replay reaches dead or pending rows, not {what}")
+        where, params = replace(selection, state=state).where()
         now = self._clock()
 
         def update(connection: sqlite3.Connection) -> int:
             cursor = connection.execute(
                 "UPDATE deliveries SET state = ?, next_attempt = ?, retry_from = ?,"
-                f" finished = NULL, attempts = 0 WHERE {where} AND state = ?"
-                " AND finished IS NOT NULL",
-                [State.PENDING.value, now, now, *params, State.DEAD.value],
+                f" finished = NULL, attempts = 0 WHERE {where}",
+                [State.PENDING.value, now, now, *params],
             )
             return cursor.rowcount
 
         return int(await self._submit(update, durable=True, heavy=True))
 
     async def purge(self, selection: Filter) -> int:
-        """Delete the selected rows that are finished (dead or delivered); never queued ones."""
+        """Delete the selected rows that are finished (dead or delivered).
+
+        Waiting rows only when the selection asks for them (`state=PENDING`): those no
+        dispatcher holds, since a claim marks a row in flight in the same transaction that
+        hands it out. Rows in flight are never deleted.
+        """
+        if selection.state is State.INFLIGHT:
+            raise ValueError("purge never deletes rows in flight: a dispatcher holds them")
         where, params = selection.where()
+        if selection.state is None:
+            where += " AND state IN ('dead', 'delivered') AND finished IS NOT NULL"
 
         def delete(connection: sqlite3.Connection) -> int:
-            cursor = connection.execute(
-                f"DELETE FROM deliveries WHERE {where} AND state IN ('dead', 'delivered')"
-                " AND finished IS NOT NULL",
-                params,
-            )
+            cursor = connection.execute(f"DELETE FROM deliveries WHERE {where}", params)
             return cursor.rowcount
 
-        return int(await self._submit(delete, heavy=True))
+        # Durable when it deletes waiting rows: a power cut must not bring them back to be sent.
+        durable = selection.state is State.PENDING
+        return int(await self._submit(delete, durable=durable, heavy=True))

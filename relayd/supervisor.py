@@ -39,7 +39,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Delivery, Outbox
+from relayd.outbox import Outbox, OutboxError, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
@@ -313,6 +313,28 @@ class Supervisor:
                 webhooks_restarted=sorted(webhooks_changed),
                 webhooks_stopped=sorted(webhooks_gone),
             )
+        if old is None or webhooks_gone:
+            await self._warn_of_orphans(new)
+
+    async def _warn_of_orphans(self, config: Config) -> None:
+        """Rows kept for webhooks the config no longer has wait for nobody: say so, once at start
+        and at each reload that removes a webhook. They are kept: a rename or a mistake is
+        undone by putting the webhook back."""
+        assert self.outbox is not None
+        try:
+            counts, _ = await self.outbox.backlog()
+        except OutboxError as exc:
+            log.error("cannot read the outbox backlog", error=str(exc))
+            return
+        for webhook, waiting in sorted(counts.items()):
+            if webhook not in config.webhooks:
+                log.warning(
+                    "notifications wait in the outbox for a webhook that is not configured",
+                    webhook=webhook,
+                    waiting=waiting,
+                    to_deliver=f"add webhook {webhook!r} back to the config and reload",
+                    to_delete=f"relayd outbox purge --webhook {webhook} --state pending",
+                )
 
     def _start_dispatcher(self, name: str, config: Config) -> None:
         assert self._group is not None and self._session is not None and self.outbox is not None
@@ -384,14 +406,11 @@ class Supervisor:
 
     # -- the outbox's Router: new rows go to the webhook's dispatcher -----------------------------
 
-    def reserve(self, webhook: str, count: int) -> int:
+    def reserve(self, webhook: str, count: int) -> Reservation | None:
+        # The reservation is the dispatcher's own: its rows go to it, or back to the queue if
+        # a reload stopped it meanwhile, never to whichever dispatcher has the name by then.
         dispatcher = self.dispatchers.get(webhook)
-        return 0 if dispatcher is None else dispatcher.reserve(count)
-
-    def hand_over(self, webhook: str, reserved: int, rows: list[Delivery]) -> None:
-        dispatcher = self.dispatchers.get(webhook)
-        if dispatcher is not None:
-            dispatcher.hand_over(reserved, rows)
+        return None if dispatcher is None else dispatcher.reserve(count)
 
     def wake(self, webhook: str) -> None:
         dispatcher = self.dispatchers.get(webhook)

@@ -25,7 +25,7 @@ from support.waiting import eventually, wait_until
 import relayd.outbox
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse
-from relayd.outbox import Filter, Outbox, State
+from relayd.outbox import Filter, NewDelivery, Outbox, State
 
 
 async def relay_ready(relay: Relay, emulator: GraphEmulator) -> Outbox:
@@ -407,3 +407,172 @@ async def test_an_ordered_webhook_waiting_to_retry_leaves_the_store_alone(
 
     assert receiver.requests[1].at - receiver.requests[0].at >= 1.0
     assert outbox.commits - commits < 30  # a few claims and results, not a busy loop
+
+
+# -- a clock that ran ahead ---------------------------------------------------------------------
+
+
+async def write_rows_ahead(path: Path, seconds: float, *message_ids: str) -> None:
+    """Rows as a relay whose clock ran `seconds` ahead wrote them: created, retry_from and
+    next_attempt all that far in the future (the clock has since been corrected)."""
+    ahead = time.time() + seconds
+    async with Outbox(path) as store:
+        await store.add(
+            [
+                NewDelivery(m, "hook", "d1", b'{"type":"drive.notification"}', ahead)
+                for m in message_ids
+            ]
+        )
+
+
+async def test_a_row_written_while_the_clock_ran_a_day_ahead_is_delivered_now(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    await write_rows_ahead(tmp_path / "state" / "outbox.sqlite3", 86400, "msg_ahead")
+    relay = await start_relay()  # retry.max_delay 0.5 s: no backoff puts a retry a day ahead
+    outbox = await relay_ready(relay, emulator)
+
+    await wait_until(lambda: delivered(receiver) == {"msg_ahead"}, what="the row delivered")
+    await settle(outbox, "hook", State.DELIVERED, 1)
+
+
+async def test_rows_whose_retry_from_lies_ahead_are_still_dead_lettered_after_max_age(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    path = tmp_path / "state" / "outbox.sqlite3"
+    await write_rows_ahead(path, 86400, "msg_all_ahead", "msg_due_but_ahead")
+    # The second is due (a replay made it so, say) but still counts max_age from tomorrow.
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "UPDATE deliveries SET next_attempt = ? WHERE message_id = 'msg_due_but_ahead'",
+            (time.time(),),
+        )
+    receiver.set_default("hook", ScriptedResponse(503))
+    retry = {"initial_delay": 0.05, "max_delay": 0.2, "max_age": 1}
+    relay = await start_relay(webhooks={"hook": {"url": receiver.url("hook"), "retry": retry}})
+    outbox = await relay_ready(relay, emulator)
+
+    await settle(outbox, "hook", State.DEAD, 2)
+    rows = await outbox.rows(Filter(state=State.DEAD))
+    assert all("gave up after max_age" in row["last_error"] for row in rows)
+    # Attempts stopped within about max_age of the relay's start, not of tomorrow.
+    assert {r.headers["webhook-id"] for r in receiver.requests} == {
+        "msg_all_ahead",
+        "msg_due_but_ahead",
+    }
+    assert receiver.requests[-1].at - receiver.requests[0].at < 2.5
+
+
+# -- rows of a webhook the config no longer has -------------------------------------------------
+
+
+def orphan_warnings(logged: list[dict[str, object]]) -> list[tuple[object, object]]:
+    return [
+        (e["webhook"], e["waiting"])
+        for e in logged
+        if e["event"] == "notifications wait in the outbox for a webhook that is not configured"
+    ]
+
+
+async def test_a_reload_that_removes_a_webhook_with_rows_waiting_warns_and_keeps_them(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver.set_default("gone", ScriptedResponse(503))
+    both = {
+        "hook": {"url": receiver.url("hook"), "retry": FAST_RETRY},
+        "gone": {"url": receiver.url("gone"), "retry": FAST_RETRY},
+    }
+    drive = {"name": "d1", "account": "test", "resource": "me"}
+    config_file, config = write_config(
+        tmp_path, emulator, receiver, webhooks=both, drives=[{**drive, "webhook": ["hook", "gone"]}]
+    )
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me", 3)
+    await wait_until(lambda: len(on(receiver, "gone")) >= 3, what="a failed attempt of each")
+
+    _, without = write_config(
+        tmp_path,
+        emulator,
+        receiver,
+        webhooks={"hook": both["hook"]},
+        drives=[{**drive, "webhook": "hook"}],
+    )
+    with capture_logs() as logged:
+        assert await relay.supervisor.reload(without)
+    assert orphan_warnings(logged) == [("gone", 3)]
+    assert await count(outbox, "gone", State.PENDING) == 3  # kept, and none left in flight
+
+    # The operator deletes them: `purge` reaches waiting rows when asked to.
+    capsys.readouterr()
+    args = ("outbox", "purge", "--webhook", "gone", "--config", str(config_file))
+    assert await run_cli(*args) == 0
+    assert "0 finished notifications deleted" in capsys.readouterr().out
+    assert await count(outbox, "gone", State.PENDING) == 3  # not without --state pending
+    assert await run_cli(*args, "--state", "pending") == 0
+    assert "3 waiting notifications deleted" in capsys.readouterr().out
+    assert (await outbox.summary(Filter(webhook="gone"))).counts == {}
+    # The other webhook's rows are untouched: its 3, and the resync of the drive's restart.
+    assert await count(outbox, "hook", State.DELIVERED) == 4
+
+
+async def test_at_start_rows_of_an_unknown_webhook_are_reported(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    async with Outbox(tmp_path / "state" / "outbox.sqlite3") as store:
+        body = b'{"type":"drive.notification"}'
+        await store.add(
+            [NewDelivery(f"msg_{n}", "renamed", "d1", body, time.time()) for n in (1, 2)]
+        )
+    with capture_logs() as logged:
+        relay = await start_relay()
+    assert orphan_warnings(logged) == [("renamed", 2)]
+    outbox = await relay_ready(relay, emulator)
+    assert await count(outbox, "renamed", State.PENDING) == 2
+
+
+async def test_relayd_outbox_replay_state_pending_makes_a_long_backoff_due_now(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver.script("hook", [ScriptedResponse(503, headers={"Retry-After": "3600"})])
+    retry = {"initial_delay": 0.05, "max_delay": "1h"}
+    config_file, config = write_config(
+        tmp_path,
+        emulator,
+        receiver,
+        webhooks={"hook": {"url": receiver.url("hook"), "retry": retry}},
+    )
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me")
+
+    async def waiting_an_hour() -> bool:
+        rows = await outbox.rows(Filter(state=State.PENDING))
+        return len(rows) == 1 and rows[0]["next_attempt"] > time.time() + 3000
+
+    await eventually(waiting_an_hour, what="the 503's hour-long Retry-After recorded")
+    capsys.readouterr()
+    args = ("outbox", "replay", "--config", str(config_file))
+    assert await run_cli(*args) == 0
+    assert "0 dead notifications back in the queue" in capsys.readouterr().out  # dead only
+    assert await run_cli(*args, "--state", "pending") == 0
+    assert "1 waiting notifications due now" in capsys.readouterr().out
+
+    await receiver.wait_for(1)  # the receiver is back (200) and the row went now, not in an hour
+    await settle(outbox, "hook", State.DELIVERED, 1)
+    [row] = await outbox.rows()
+    assert row["attempts"] == 1  # the replay restarted the count: a fresh backoff
+
+    # Rows in flight are a dispatcher's: neither command touches them.
+    for action in ("replay", "purge"):
+        code = await run_cli("outbox", action, "--state", "inflight", "--config", str(config_file))
+        assert code == 1
+        assert "in flight" in capsys.readouterr().err

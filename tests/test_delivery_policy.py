@@ -84,3 +84,12 @@ def test_a_retry_past_max_age_is_a_dead_letter() -> None:
     )
     assert result.state is State.DEAD
     assert result.error is not None and "max_age" in result.error and "timeout" in result.error
+
+
+def test_a_retry_from_in_the_future_counts_as_now() -> None:
+    """Written while the clock ran ahead: max_age must count from now, not from then."""
+    policy = RetryConfig(initial_delay=60, max_delay=3600, max_age=30)
+    ahead = _row(attempts=0, retry_from=1000.0 + 86400)
+    result = conclude(ahead, Attempt(503, "HTTP 503", 0.01, "", None), policy, now=1000.0)
+    assert result.state is State.DEAD  # the first retry (~60 s) is already past max_age (30 s)
+    assert result.error == "HTTP 503; gave up after max_age"
