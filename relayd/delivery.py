@@ -175,6 +175,7 @@ class Dispatcher:
         self._store_has_due = True  # the store may hold due rows that we have not claimed
         self._wakes = 0  # wake() calls so far: one during a claim means look again
         self._next_due: float | None = None  # earliest known retry waiting in the store
+        self._looked_at = 0.0  # when the store was last asked for due rows (the clock's time)
         self._wake = asyncio.Event()
         self._stopping = False
         self._in_flight: dict[asyncio.Task[None], int] = {}  # task -> row id
@@ -253,6 +254,7 @@ class Dispatcher:
         room = self._capacity - len(self._posting) - len(self._ready) - self._reserved
         # Claim in batches: only once the local buffer is down to what the free slots need.
         if self._store_has_due and room > 0 and len(self._ready) < self._limit:
+            self._looked_at = self._clock()
             wakes = self._wakes
             rows = await self._outbox.claim(self.name, room, ordered=self.config.ordered)
             self._ready.extend(rows)
@@ -279,6 +281,14 @@ class Dispatcher:
 
     async def _idle(self) -> None:
         """Sleep until there may be work: new rows, a freed slot, a retry coming due."""
+        now = self._clock()
+        if (self._next_due is not None and now >= self._next_due) or (
+            now - self._looked_at >= IDLE_POLL
+        ):
+            # Under steady traffic the wake-ups never stop, so the timeout below never fires:
+            # due retries (and rows `relayd outbox replay` queued) are looked for all the same.
+            self._store_has_due = True
+            self._next_due = None
         if self._wake.is_set():
             self._wake.clear()
             return

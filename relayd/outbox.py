@@ -263,6 +263,9 @@ class _Queued(NamedTuple):
     future: asyncio.Future[Any]
     durable: bool  # the commit is fsynced before the future is told
     heavy: bool  # may take long: the commit runs in the thread, not on the loop
+    # Told (ok, result or error) by the writer as soon as the commit's outcome is known, even if
+    # the caller stopped waiting: what must follow a commit cannot depend on who still listens.
+    after: Callable[[bool, Any], None] | None = None
 
 
 class Reservation(Protocol):
@@ -603,6 +606,7 @@ class Outbox:
         durable: bool = False,
         heavy: bool = False,
         deferrable: bool = False,
+        after: Callable[[bool, Any], None] | None = None,
     ) -> T:
         """Run `operation` in the next group commit.
 
@@ -614,9 +618,12 @@ class Outbox:
         `deferrable` ones wait up to DEFER_SECONDS for company (see `record`).
         """
         if self._closing or self._writer is None:
-            raise OutboxError(f"{self.path}: the outbox is closed")
+            error = OutboxError(f"{self.path}: the outbox is closed")
+            if after is not None:
+                after(False, error)
+            raise error
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(operation, future, durable, heavy))
+        self._queue.append(_Queued(operation, future, durable, heavy, after))
         if not deferrable or len(self._queue) >= DEFER_MAX:
             self._flush()
         elif self._flush_timer is None:
@@ -714,9 +721,11 @@ class Outbox:
             commit_error = exc if isinstance(exc, OutboxError) else self._error(exc)
             outcomes = [(False, commit_error)] * len(batch)
         except BaseException:
+            closing = OutboxError(f"{self.path}: the outbox is closing")
             for queued in batch:
                 if not queued.future.done():
-                    queued.future.set_exception(OutboxError(f"{self.path}: the outbox is closing"))
+                    queued.future.set_exception(closing)
+            self._tell_after(batch, [(False, closing)] * len(batch))
             raise
         # Callers only ever see OutboxError, whatever SQLite raised inside one operation.
         outcomes = [
@@ -732,6 +741,7 @@ class Outbox:
             self._recovered()
         else:
             await self._failed(failure, whole_commit=commit_error is not None)
+        self._tell_after(batch, outcomes)
         for future, (ok, value) in zip((q.future for q in batch), outcomes, strict=True):
             if future.done():  # the caller gave up waiting; the work is done all the same
                 continue
@@ -739,6 +749,15 @@ class Outbox:
                 future.set_result(value)
             else:
                 future.set_exception(value)
+
+    @staticmethod
+    def _tell_after(batch: list[_Queued], outcomes: list[tuple[bool, Any]]) -> None:
+        for queued, (ok, value) in zip(batch, outcomes, strict=True):
+            if queued.after is not None:
+                try:
+                    queued.after(ok, value)
+                except Exception:
+                    log.exception("an outbox commit's follow-up failed")
 
     def _error(self, exc: BaseException) -> OutboxError:
         return OutboxError(f"{self.path}: {exc}", disk_full=_disk_full(exc))
@@ -866,30 +885,45 @@ class Outbox:
                 also(connection)
             return handed
 
-        try:
-            handed = await self._submit(
-                insert, durable=True, heavy=len(deliveries) + int(also is not None) > INLINE_ROWS
-            )
-        except BaseException:
-            plan.announce(self._router, None)  # give the reservations back
-            raise
-        await self._requeue(plan.announce(self._router, handed))
+        def route(ok: bool, handed: Any) -> None:
+            # Run by the writer as the commit ends, whether or not this caller still waits (a
+            # watcher stopped mid-commit): committed rows always reach a dispatcher or the queue.
+            self._requeue(plan.announce(self._router, handed if ok else None))
 
-    async def _requeue(self, refused: list[Delivery]) -> None:
-        """Put rows a stopped dispatcher refused back in the queue, through the writer like any
-        operation, and wake their webhooks: a reload's new dispatcher claims them."""
+        await self._submit(
+            insert,
+            durable=True,
+            heavy=len(deliveries) + int(also is not None) > INLINE_ROWS,
+            after=route,
+        )
+
+    def _requeue(self, refused: list[Delivery]) -> None:
+        """Put rows a stopped dispatcher refused back in the queue, as an operation of the
+        writer's own, and wake their webhooks: a reload's new dispatcher claims them."""
         if not refused:
             return
-        try:
-            await self.release(row.id for row in refused)
-        except OutboxError as exc:
-            # They stay in flight on disk, which the next start puts back in the queue: nothing
-            # is lost, and the notifications the caller wrote are committed all the same.
-            log.error("cannot put refused rows back in the queue", error=str(exc))
-            return
-        if self._router is not None:
-            for webhook in {row.webhook for row in refused}:
-                self._router.wake(webhook)
+        params = [(State.PENDING.value, row.id, State.INFLIGHT.value) for row in refused]
+
+        def update(connection: sqlite3.Connection) -> None:
+            connection.executemany(
+                "UPDATE deliveries SET state = ? WHERE id = ? AND state = ?", params
+            )
+
+        def woken(ok: bool, error: Any) -> None:
+            if not ok:
+                # They stay in flight on disk, which the next start puts back in the queue:
+                # nothing is lost, and the notifications themselves are committed.
+                log.error("cannot put refused rows back in the queue", error=str(error))
+            elif self._router is not None:
+                for webhook in {row.webhook for row in refused}:
+                    self._router.wake(webhook)
+
+        # Nobody awaits this future: `woken` hears the outcome. Marked as seen so that an
+        # error on it is not reported again as never retrieved.
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._queue.append(_Queued(update, future, False, False, woken))
+        self._flush()
 
     async def _room_again(self) -> bool:
         """While full, at most once a second: is there room (and the reserve back) now?"""

@@ -39,7 +39,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Outbox, OutboxError, Reservation
+from relayd.outbox import Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
@@ -323,7 +323,7 @@ class Supervisor:
         assert self.outbox is not None
         try:
             counts, _ = await self.outbox.backlog()
-        except OutboxError as exc:
+        except Exception as exc:  # a warning cannot be given; the start or reload goes on
             log.error("cannot read the outbox backlog", error=str(exc))
             return
         for webhook, waiting in sorted(counts.items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -576,3 +577,23 @@ async def test_relayd_outbox_replay_state_pending_makes_a_long_backoff_due_now(
         code = await run_cli("outbox", action, "--state", "inflight", "--config", str(config_file))
         assert code == 1
         assert "in flight" in capsys.readouterr().err
+
+
+async def test_a_due_retry_is_made_while_new_notifications_keep_coming(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    """Under steady traffic the dispatcher is woken by every new row and never sits idle: a
+    retry that comes due meanwhile must still be claimed, not wait for a lull."""
+    receiver.script("hook", [ScriptedResponse(503)])  # the first attempt fails, the rest work
+    relay = await start_relay()
+    await relay_ready(relay, emulator)
+    await emulator.emit("me")
+    # The failed attempt was made; its retry is due within 0.06 s.
+    await wait_until(lambda: len(receiver.requests) == 1, what="the first attempt")
+
+    async def steady_traffic() -> None:
+        while 1 not in seqs(receiver.delivered("hook")):
+            await emulator.emit("me")
+            await asyncio.sleep(0.02)  # pacing the emitter, not waiting for a result
+
+    await asyncio.wait_for(steady_traffic(), timeout=10)  # fails if the retry waits for a lull

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.waiting import wait_until
 
 from relayd.outbox import (
     LOCK_WAIT_MS,
@@ -565,3 +566,53 @@ async def test_a_store_from_a_newer_relayd_is_refused_and_left_untouched(path: P
     assert str(path) in str(raised.value)
     assert "99" in str(raised.value)
     assert path.read_bytes() == before  # not even switched to WAL
+
+
+class _Dispatcher:
+    """The dispatcher's side of a reservation (relayd.delivery's, reduced to what is seen)."""
+
+    count = 1
+
+    def __init__(self) -> None:
+        self.handed: list[Delivery] | None = None
+
+    def hand_over(self, rows: list[Delivery]) -> bool:
+        self.handed = rows
+        return True
+
+
+class _Router:
+    def __init__(self, dispatcher: _Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    def reserve(self, webhook: str, count: int) -> _Dispatcher:
+        return self._dispatcher
+
+    def wake(self, webhook: str) -> None:
+        pass
+
+
+async def test_rows_committed_after_their_writer_stopped_waiting_still_reach_their_dispatcher(
+    path: Path,
+) -> None:
+    """A watcher stopped (cancelled) while its commit waits for a lock: the commit goes through
+    all the same, and its rows, inserted in flight for the dispatcher that reserved them, must
+    reach it rather than stay in flight for nobody until the next start."""
+    dispatcher = _Dispatcher()
+    async with Outbox(path, router=_Router(dispatcher)) as outbox:
+        cli = sqlite3.connect(path, isolation_level=None)
+        try:
+            cli.execute("BEGIN IMMEDIATE")
+            add = asyncio.create_task(outbox.add([new(1)]))
+            for _ in range(20):  # the writer takes the batch and sends it to wait in its thread
+                await asyncio.sleep(0)
+            add.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await add
+        finally:
+            cli.execute("COMMIT")
+            cli.close()
+        await wait_until(lambda: dispatcher.handed is not None, what="the rows handed over")
+    assert dispatcher.handed is not None
+    assert [row.message_id for row in dispatcher.handed] == ["msg_hook_d1_1"]
+    assert on_disk(path, "SELECT state FROM deliveries") == [("inflight",)]
