@@ -300,6 +300,11 @@ class Child:
         return self.process.pid
 
     async def __aenter__(self) -> Child:
+        return await self.start()
+
+    async def start(self) -> Child:
+        """Start the process: what `async with` does on entry, for a caller that ends it itself
+        (with `stop()` or `kill()`), such as one that restarts a child many times."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(self.log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
