@@ -129,6 +129,9 @@ class RelayConfig:
     resources: Sequence[str]
     secrets: list[str] = field(default_factory=lambda: [new_secret()])  # newest first
     timeout: float = TIMEOUTS[0]
+    # What relayd keeps free for delivering on a full disk (outbox.disk_reserve): an eighth of
+    # the small disk, as the default 16 MiB is of a modest real volume.
+    disk_reserve: int = 2 << 20
     used_secrets: list[str] = field(default_factory=list)  # every one configured, for checks
 
     def webhooks_of(self, index: int) -> str | list[str]:
@@ -144,6 +147,7 @@ class RelayConfig:
             "state_dir": str(self.state_dir),
             "admin": {"listen": ""},
             "log": {"level": "info", "format": "json"},
+            "outbox": {"disk_reserve": self.disk_reserve},
             "accounts": {"soak": {"token_file": str(token_file)}},
             "webhooks": {
                 PLAIN: {**hook, "url": self.receiver.url(PLAIN), "timeout": self.timeout},
@@ -820,7 +824,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             WebhookReceiver() as receiver,
         ):
             config = RelayConfig(
-                workdir / "config.yaml", emulator.base_url, receiver, disk.path / "state", resources
+                workdir / "config.yaml",
+                emulator.base_url,
+                receiver,
+                disk.path / "state",
+                resources,
+                disk_reserve=max(1 << 20, (args.disk_mib << 20) // 8),
             )
             config.write()
             relay = Relay(config, workdir / "logs", emulator, clock)
