@@ -18,13 +18,16 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shlex
+import signal
 import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -79,13 +82,77 @@ def jwt_expiry(token: str) -> float | None:
     return float(exp) if isinstance(exp, int | float) else None
 
 
+# ---- what a token source produced: checked and described without ever quoting it ----------
+
+# RFC 6750's b64token alphabet: what a bearer token is made of, and what an Authorization header
+# carries without escaping. Also the alphabet of base64, base64url and JWTs, i.e. of every token
+# and refresh token format in use.
+_TOKEN_CHARS = r"A-Za-z0-9._~+/=-"
+_BEARER_TOKEN = re.compile(f"[{_TOKEN_CHARS}]+")
+# A long word of that alphabet in a tool's message is treated as a secret whatever its shape:
+# opaque refresh tokens (e.g. "0.AXYA...", "M.C5..."), JWTs, client secrets, base64 blobs. This
+# also masks some harmless long words (paths, host names); that is the price of not guessing.
+_TOKEN_LIKE = re.compile(f"[{_TOKEN_CHARS}]{{16,}}")
+# Terminal escapes and other control characters: tools colour their errors.
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
+REDACTED = "[redacted]"
+# At most this much of a command's stderr line reaches the AuthError (logs, /status).
+STDERR_SHOWN = 200
+
+
+class TokenProblem(Enum):
+    """Why a token source's output cannot be a bearer token; `.value` never quotes it."""
+
+    EMPTY = "gave no token"
+    LINES = "printed more than one line"
+    CHARACTERS = "contains characters that cannot be a bearer token"
+
+
+def token_problem(output: str) -> TokenProblem | None:
+    """What is wrong with `output` as a bearer token, or None when it is one; pure.
+
+    Whitespace around it (a trailing newline) is fine; anything inside must be b64token.
+    """
+    text = output.strip()
+    if not text:
+        return TokenProblem.EMPTY
+    if len(text.splitlines()) > 1:
+        return TokenProblem.LINES
+    if not _BEARER_TOKEN.fullmatch(text):
+        return TokenProblem.CHARACTERS
+    return None
+
+
+def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """`text` with every given secret and every long token-like word masked; pure.
+
+    Secrets go first: a short token (under 16 characters) is caught by its exact value only.
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _TOKEN_LIKE.sub(REDACTED, text)
+
+
+def stderr_summary(stderr: str, secrets: Iterable[str | None] = ()) -> str:
+    """The first non-empty line of a command's stderr, redacted and capped; pure.
+
+    Only the first line: later lines are where tools dump responses and stack traces. Redacted
+    before it is capped, so a cut never leaves the visible half of a token behind.
+    """
+    for line in stderr.splitlines():
+        shown = " ".join(redact(_CONTROL.sub("", line), secrets).split())
+        if shown:
+            return shown if len(shown) <= STDERR_SHOWN else shown[: STDERR_SHOWN - 3] + "..."
+    return "nothing on stderr"
+
+
 class _CachingProvider(ABC):
     """Keeps one token until it is refused or near its expiry; `_fetch` gets a new one."""
 
     def __init__(self, account: str) -> None:
         self.account = account
         self._lock = asyncio.Lock()
-        self._token: str | None = None
+        self._token: str | None = None  # the last good token, also while the source fails
         self._refresh_at = 0.0
         self.refreshes = 0  # tokens taken from the source (the relayd_token_refreshes metric)
 
@@ -95,9 +162,11 @@ class _CachingProvider(ABC):
             fresh = current is not None and time.time() < self._refresh_at
             if current is not None and fresh and current != refused:
                 return current
-            token = (await self._fetch()).strip()
-            if not token:
-                raise AuthError(f"account {self.account!r}: the token source gave an empty token")
+            output = await self._fetch()
+            problem = token_problem(output)
+            if problem is not None:
+                raise AuthError(f"account {self.account!r}: {self._explain(problem)}")
+            token = output.strip()
             expiry = jwt_expiry(token)
             lifetime = OPAQUE_TOKEN_LIFETIME if expiry is None else expiry - time.time()
             self._token = token
@@ -107,46 +176,154 @@ class _CachingProvider(ABC):
 
     @abstractmethod
     async def _fetch(self) -> str:
-        """Get a new token from the source."""
+        """Get a new token from the source: its raw output, checked by `token`."""
+
+    @abstractmethod
+    def _explain(self, problem: TokenProblem) -> str:
+        """The problem with the source's output, naming the source (never quoting the output)."""
+
+
+# A token is a few KiB; more than this on stdout or stderr is not kept (memory stays bounded
+# whatever the command does).
+COMMAND_OUTPUT_LIMIT = 64 * 1024
+# After the command exited, how long its pipes may stay open: something it started in the
+# background may hold them (and never close them); what the command wrote is read by then.
+PIPE_GRACE = 2.0
+# After SIGKILL, how long to wait for the process to be reported dead before giving up on it.
+KILL_GRACE = 5.0
+
+
+class _CommandOutput(asyncio.SubprocessProtocol):
+    """Collects a command's stdout and stderr (bounded) and says when it exited and when both
+    pipes reached EOF: two separate moments, since a child it started can hold the pipes."""
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.pipes_closed: asyncio.Future[None] = loop.create_future()
+        self.data: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+        self.overflow = False
+        self._open = {1, 2}
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        buffer = self.data[fd]
+        room = COMMAND_OUTPUT_LIMIT - len(buffer)
+        buffer += data[: max(0, room)]
+        if len(data) > room:
+            self.overflow = True
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self._open.discard(fd)
+        if not self._open and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    @property
+    def finished(self) -> bool:
+        """The command exited and nothing holds its pipes any more."""
+        return self.exited.done() and self.pipes_closed.done()
+
+
+def _kill_group(pgid: int) -> None:
+    """SIGKILL a command's whole process group: the shell and whatever it started."""
+    # ESRCH: every member is gone already. EPERM: a member changed its uid; nothing more to do.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def _exit_description(returncode: int | None) -> str:
+    if returncode is None:
+        return "did not report how it ended"
+    if returncode < 0:
+        with contextlib.suppress(ValueError):
+            return f"was ended by {signal.Signals(-returncode).name}"
+        return f"was ended by signal {-returncode}"
+    return f"exited {returncode}"
 
 
 class CommandTokenProvider(_CachingProvider):
-    """Runs `token_command` (split like a shell would, run without one); stdout is the token."""
+    """Runs `token_command` (split like a shell would, run without one); stdout is the token.
+
+    The command runs in a session (so a process group) of its own: on a timeout, or when the
+    fetch is cancelled (shutdown), the whole group is killed, not just the command, so a shell
+    wrapper's children neither hang relayd on their open pipes nor outlive it. Its output is never
+    shown; a failure is reported with its exit code and its first stderr line, redacted.
+    """
 
     def __init__(self, account: str, command: str, *, timeout: float = 60.0) -> None:
         super().__init__(account)
         self._argv = shlex.split(command)
         self._timeout = timeout
 
+    @classmethod
+    def from_config(cls, name: str, account: AccountConfig) -> CommandTokenProvider:
+        assert account.token_command is not None  # only called for token_command accounts
+        return cls(name, account.token_command, timeout=account.token_command_timeout)
+
     async def _fetch(self) -> str:
+        loop = asyncio.get_running_loop()
+        output = _CommandOutput()
         try:
-            process = await asyncio.create_subprocess_exec(
+            transport, _ = await loop.subprocess_exec(
+                lambda: output,
                 *self._argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
             )
         except OSError as exc:
             raise AuthError(
                 f"account {self.account!r}: token_command {self._argv[0]!r} cannot run: "
                 f"{exc.strerror}"
             ) from None
+        pgid = transport.get_pid()  # a session leader's pid is its process group's id
         try:
-            stdout, stderr = await asyncio.wait_for(process.communicate(), self._timeout)
+            await self._wait(output, pgid)
+        finally:
+            # Whatever ended the wait (an exit, the timeout, a cancellation): a group that has
+            # not finished is killed, and the pipes are closed rather than waited for.
+            if not output.finished:
+                _kill_group(pgid)
+            transport.close()
+        return self._result(output, transport.get_returncode())
+
+    async def _wait(self, output: _CommandOutput, pgid: int) -> None:
+        """Wait for the command's exit (bounded by the timeout), then briefly for its pipes."""
+        try:
+            await asyncio.wait_for(asyncio.shield(output.exited), self._timeout)
         except TimeoutError:
-            process.kill()
-            await process.wait()
+            _kill_group(pgid)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(output.exited), KILL_GRACE)
             raise AuthError(
-                f"account {self.account!r}: token_command took longer than {self._timeout:g}s"
+                f"account {self.account!r}: token_command took longer than "
+                f"{self._timeout:g}s and was killed"
             ) from None
-        if process.returncode != 0:
-            # The last line of stderr is usually the tool's own explanation ("please run az login").
-            lines = stderr.decode("utf-8", "replace").strip().splitlines()
-            said = lines[-1][:200] if lines else "nothing on stderr"
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(output.pipes_closed), PIPE_GRACE)
+
+    def _result(self, output: _CommandOutput, returncode: int | None) -> str:
+        if returncode != 0:
+            said = stderr_summary(output.data[2].decode("utf-8", "replace"), [self._token])
             raise AuthError(
-                f"account {self.account!r}: token_command exited {process.returncode}: {said}"
+                f"account {self.account!r}: token_command failed: "
+                f"{_exit_description(returncode)}: {said}"
             )
-        return stdout.decode("utf-8", "replace")
+        if output.overflow:
+            raise AuthError(
+                f"account {self.account!r}: token_command printed more than "
+                f"{COMMAND_OUTPUT_LIMIT // 1024} KiB"
+            )
+        return output.data[1].decode("utf-8", "replace")
+
+    def _explain(self, problem: TokenProblem) -> str:
+        if problem is TokenProblem.CHARACTERS:
+            return f"token_command's output {problem.value}"
+        return f"token_command {problem.value}"
 
 
 class FileTokenProvider(_CachingProvider):
@@ -176,6 +353,19 @@ class FileTokenProvider(_CachingProvider):
             raise AuthError(
                 f"account {self.account!r}: token_file {str(self._path)!r}: {exc.strerror}"
             ) from None
+        except UnicodeDecodeError:
+            raise AuthError(
+                f"account {self.account!r}: token_file {str(self._path)!r} "
+                f"{TokenProblem.CHARACTERS.value}"
+            ) from None
+
+    def _explain(self, problem: TokenProblem) -> str:
+        wording = {
+            TokenProblem.EMPTY: "is empty",
+            TokenProblem.LINES: "holds more than one line",
+            TokenProblem.CHARACTERS: TokenProblem.CHARACTERS.value,
+        }
+        return f"token_file {str(self._path)!r} {wording[problem]}"
 
 
 # --------------------------------------------------------------------------- MSAL sign-in
@@ -652,7 +842,7 @@ async def check_account(
         return AccountReport(name, "msal", got.username, account.scopes, got.expires_at, None)
     provider: _CachingProvider
     if account.token_command is not None:
-        provider = CommandTokenProvider(name, account.token_command)
+        provider = CommandTokenProvider.from_config(name, account)
     else:
         assert account.token_file is not None  # config guarantees one source
         provider = FileTokenProvider(name, account.token_file)

@@ -495,7 +495,14 @@ _GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 # MSAL adds these itself and refuses them in an explicit scope list.
 _RESERVED_SCOPES: Final = frozenset({"openid", "profile", "offline_access"})
-_MSAL_ONLY_KEYS: Final = ("tenant", "authority_host", "scopes")
+# Keys that only mean something for one kind of account, and the key that makes that kind.
+_SOURCE_ONLY_KEYS: Final = {
+    "tenant": "client_id",
+    "authority_host": "client_id",
+    "scopes": "client_id",
+    "token_command_timeout": "token_command",
+}
+_KIND_OF_SOURCE: Final = {"client_id": "msal", "token_command": "command", "token_file": "file"}
 
 
 class AccountConfig(_Model):
@@ -506,6 +513,8 @@ class AccountConfig(_Model):
     authority_host: _HttpUrl = "https://login.microsoftonline.com"
     scopes: tuple[str, ...] = ("Files.Read",)
     token_command: str | None = Field(default=None, repr=False)
+    # How long one run of token_command may take before its process group is killed.
+    token_command_timeout: _Duration = 60.0
     token_file: Path | None = None
 
     @property
@@ -594,12 +603,13 @@ class AccountConfig(_Model):
                 "set exactly one of client_id (device-code sign-in), token_command or "
                 f"token_file{found}"
             )
-        if self.kind != "msal":
-            misplaced = [key for key in _MSAL_ONLY_KEYS if key in self.model_fields_set]
-            if misplaced:
-                raise _Invalids(
-                    [_Invalid("only applies to client_id accounts", at=(key,)) for key in misplaced]
-                )
+        misplaced = [
+            _Invalid(f"only applies to {kind} accounts", at=(key,))
+            for key, kind in _SOURCE_ONLY_KEYS.items()
+            if key in self.model_fields_set and self.kind != _KIND_OF_SOURCE[kind]
+        ]
+        if misplaced:
+            raise _Invalids(misplaced)
         return self
 
 

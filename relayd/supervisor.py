@@ -64,7 +64,7 @@ def token_provider(name: str, account: AccountConfig, state_dir: Path) -> TokenP
     """The account's token source; client_id accounts use the sign-in `relayd login` stored
     under state_dir (until there is one, their drives wait in NEEDS_LOGIN)."""
     if account.token_command is not None:
-        return CommandTokenProvider(name, account.token_command)
+        return CommandTokenProvider.from_config(name, account)
     if account.token_file is not None:
         return FileTokenProvider(name, account.token_file)
     return MsalTokenProvider(name, account, state_dir)
