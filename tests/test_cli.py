@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TOKEN, of_type, seqs, wait_notifications
+from support.daemon import Daemon
 from support.waiting import wait_until
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
@@ -41,40 +42,11 @@ def write_config(tmp_path: Path, emulator: GraphEmulator, receiver: WebhookRecei
     return path
 
 
-class RelayProcess:
-    """`relayd run` in a subprocess, its log in a file."""
+class RelayProcess(Daemon):
+    """`relayd run` in a subprocess, its log in a file; these configs have no admin server."""
 
     def __init__(self, config: Path) -> None:
-        self.config = config
-        self.log = config.parent / "relayd.log"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "relayd",
-                "run",
-                "--config",
-                str(self.config),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-
-    def signal(self, signum: int) -> None:
-        assert self.process is not None
-        self.process.send_signal(signum)
-
-    async def wait(self, timeout: float = 15.0) -> int:
-        assert self.process is not None
-        return await asyncio.wait_for(self.process.wait(), timeout)
-
-    async def stop(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.process.kill()
-            await self.process.wait()
+        super().__init__(config, admin_port=0)
 
 
 @pytest.fixture
