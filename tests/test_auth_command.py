@@ -376,14 +376,18 @@ async def test_a_token_printed_before_a_background_child_keeps_the_pipes_open_is
 async def test_a_cancelled_fetch_kills_the_command_group(tmp_path: Path, reap: list[int]) -> None:
     tokens = CommandTokenProvider("ci", str(hanging_command(tmp_path)), timeout=600.0)
     fetch = asyncio.create_task(tokens.token())
-    await wait_until(lambda: read_pid(tmp_path / "child.pid"), timeout=20, what="command running")
+    await wait_until(
+        lambda: read_pid(tmp_path / "shell.pid") and read_pid(tmp_path / "child.pid"),
+        timeout=20,
+        what="command running",
+    )
     shell, child = read_pid(tmp_path / "shell.pid"), read_pid(tmp_path / "child.pid")
     assert shell is not None and child is not None
     reap.extend([shell, child])
     fetch.cancel()
     with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(fetch, 10)
-    await wait_until(lambda: not alive(shell) and not alive(child), timeout=10, what="group gone")
+        await asyncio.wait_for(fetch, 20)
+    await wait_until(lambda: not alive(shell) and not alive(child), timeout=20, what="group gone")
 
 
 @pytest.mark.parametrize(
