@@ -102,7 +102,9 @@ async def test_renewal_before_a_short_expiry_loses_nothing(
             assert time.monotonic() - started < 30, "no renewal within 30 s"
             await graph.emit("me")
             sent += 1
-            await wait_until(lambda n=sent: len(receiver.delivered("hook")) == n, what="delivery")
+            await wait_until(
+                lambda n=sent: len(receiver.delivered("hook")) == n, timeout=20, what="delivery"
+            )
         assert seqs(receiver.delivered("hook")) == list(range(1, sent + 1))
         assert graph.endpoint_requests["me"] == 3
         assert relay.watcher().status.reconnects == 0  # make before break: never disconnected
