@@ -643,6 +643,17 @@ class DriveWatcher:
         self._recent.move_to_end(key)
         return False
 
+    def _socket_opened(self) -> None:
+        self._sockets += 1
+
+    def _socket_closed(self) -> None:
+        """A socket closes while another stays (a switch-over): a notification both were sent
+        may not have been read from either yet, since the close does not wait for the reads.
+        The window for copies opens now, not at the first copy read while both were up."""
+        if self._sockets >= 2:
+            self._dedupe_until = time.time() + DEDUPE_WINDOW
+        self._sockets -= 1
+
     async def _pump(self) -> None:
         """Move held notifications into the outbox, in order, batching what has piled up."""
         while True:
@@ -707,7 +718,7 @@ class _Connection:
 
     async def open(self) -> None:
         target = self.subscription.target
-        self._watcher._sockets += 1
+        self._watcher._socket_opened()
         try:
             await asyncio.wait_for(
                 self._client.connect(
@@ -742,7 +753,7 @@ class _Connection:
         if self._closed:
             return
         self._closed = True
-        self._watcher._sockets -= 1
+        self._watcher._socket_closed()
         self.mark_lost("closed by relayd")
         with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError):
             await asyncio.wait_for(self._client.disconnect(), CLOSE_TIMEOUT * 2)

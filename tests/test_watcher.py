@@ -102,9 +102,7 @@ async def test_renewal_before_a_short_expiry_loses_nothing(
             assert time.monotonic() - started < 30, "no renewal within 30 s"
             await graph.emit("me")
             sent += 1
-            await wait_until(
-                lambda n=sent: len(receiver.delivered("hook")) == n, timeout=20, what="delivery"
-            )
+            await wait_until(lambda n=sent: len(receiver.delivered("hook")) == n, what="delivery")
         assert seqs(receiver.delivered("hook")) == list(range(1, sent + 1))
         assert graph.endpoint_requests["me"] == 3
         assert relay.watcher().status.reconnects == 0  # make before break: never disconnected
@@ -419,3 +417,21 @@ async def test_a_huge_announced_ping_interval_does_not_hide_a_silent_line(
         )
         await graph.emit("me")
         assert seqs(await wait_notifications(receiver, 1)) == [1]
+
+
+async def test_copies_read_only_after_the_old_socket_began_closing_are_still_dropped(
+    start_relay: StartRelay,
+) -> None:
+    """A switch-over where neither socket had read the notification both were sent before the
+    old one started closing: both copies are read during the close. The second is a copy
+    (it was delivered twice, under load, before the window opened at the close)."""
+    relay = await start_relay()
+    await relay.connected()
+    watcher = relay.watcher()
+    item = {"subscriptionId": "old", "resource": "r", "relaydEmulatorSeq": 1}
+    copy = {**item, "subscriptionId": "new"}
+    watcher._socket_opened()  # the new socket, beside the current one
+    watcher._socket_closed()  # the old one starts closing; nothing was read meanwhile
+    now = time.time()
+    assert not watcher._is_copy(item, generation=1, now=now)
+    assert watcher._is_copy(copy, generation=2, now=now)
