@@ -35,6 +35,7 @@ import msal
 import structlog
 
 from relayd.config import AccountConfig
+from relayd.logs import TOKEN_ALPHABET, mask_opaque
 
 log = structlog.get_logger("relayd.auth")
 
@@ -84,18 +85,9 @@ def jwt_expiry(token: str) -> float | None:
 
 # ---- what a token source produced: checked and described without ever quoting it ----------
 
-# RFC 6750's b64token alphabet: what a bearer token is made of, and what an Authorization header
-# carries without escaping. Also the alphabet of base64, base64url and JWTs, i.e. of every token
-# and refresh token format in use.
-_TOKEN_CHARS = r"A-Za-z0-9._~+/=-"
-_BEARER_TOKEN = re.compile(f"[{_TOKEN_CHARS}]+")
-# A long word of that alphabet in a tool's message is treated as a secret whatever its shape:
-# opaque refresh tokens (e.g. "0.AXYA...", "M.C5..."), JWTs, client secrets, base64 blobs. This
-# also masks some harmless long words (paths, host names); that is the price of not guessing.
-_TOKEN_LIKE = re.compile(f"[{_TOKEN_CHARS}]{{16,}}")
+_BEARER_TOKEN = re.compile(f"[{TOKEN_ALPHABET}]+")
 # Terminal escapes and other control characters: tools colour their errors.
 _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")
-REDACTED = "[redacted]"
 # At most this much of a command's stderr line reaches the AuthError (logs, /status).
 STDERR_SHOWN = 200
 
@@ -123,16 +115,6 @@ def token_problem(output: str) -> TokenProblem | None:
     return None
 
 
-def redact(text: str, secrets: Iterable[str | None] = ()) -> str:
-    """`text` with every given secret and every long token-like word masked; pure.
-
-    Secrets go first: a short token (under 16 characters) is caught by its exact value only.
-    """
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, REDACTED)
-    return _TOKEN_LIKE.sub(REDACTED, text)
-
-
 def stderr_summary(stderr: str, secrets: Iterable[str | None] = ()) -> str:
     """The first non-empty line of a command's stderr, redacted and capped; pure.
 
@@ -140,7 +122,7 @@ def stderr_summary(stderr: str, secrets: Iterable[str | None] = ()) -> str:
     before it is capped, so a cut never leaves the visible half of a token behind.
     """
     for line in stderr.splitlines():
-        shown = " ".join(redact(_CONTROL.sub("", line), secrets).split())
+        shown = " ".join(mask_opaque(_CONTROL.sub("", line), secrets).split())
         if shown:
             return shown if len(shown) <= STDERR_SHOWN else shown[: STDERR_SHOWN - 3] + "..."
     return "nothing on stderr"

@@ -220,14 +220,13 @@ def parse_notification_event(payload: object) -> list[dict[str, Any]]:
         )
     try:
         document = json.loads(payload)
+        too_deep = _nests_deeper_than(document, MAX_EVENT_DEPTH)
     except json.JSONDecodeError as exc:
         raise MalformedNotification(f"argument is not JSON ({exc.msg} at {exc.pos})") from None
     except RecursionError:
         # The C parser counts its nesting against the recursion limit and unwinds cleanly.
-        raise MalformedNotification(
-            f"JSON is nested too deeply (over {MAX_EVENT_DEPTH} levels)"
-        ) from None
-    if _nests_deeper_than(document, MAX_EVENT_DEPTH):
+        too_deep = True
+    if too_deep:
         raise MalformedNotification(f"JSON is nested too deeply (over {MAX_EVENT_DEPTH} levels)")
     if not isinstance(document, dict) or "value" not in document:
         raise MalformedNotification("JSON has no 'value' member")

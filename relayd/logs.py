@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -42,6 +42,28 @@ def redact(text: str) -> str:
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+# RFC 6750's b64token alphabet: what a bearer token is made of, and what an Authorization header
+# carries without escaping. Also the alphabet of base64, base64url and JWTs, i.e. of every token
+# and refresh token format in use.
+TOKEN_ALPHABET = r"A-Za-z0-9._~+/=-"
+# A long word of that alphabet is treated as a secret whatever its shape: opaque refresh tokens
+# (e.g. "0.AXYA...", "M.C5..."), JWTs, client secrets, base64 blobs. This also masks some
+# harmless long words (paths, host names): the price of not guessing.
+_TOKEN_LIKE = re.compile(f"[{TOKEN_ALPHABET}]{{16,}}")
+REDACTED = "[redacted]"
+
+
+def mask_opaque(text: str, secrets: Iterable[str | None] = ()) -> str:
+    """`text` with every given secret and every long token-like word masked; pure.
+
+    Stricter than `redact`, for text that may hold secrets of any shape (what a token source
+    printed). Secrets go first: a short one (under 16 characters) is caught by its value only.
+    """
+    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
+        text = text.replace(secret, REDACTED)
+    return _TOKEN_LIKE.sub(REDACTED, text)
 
 
 def _redact_value(value: Any, depth: int = 0) -> Any:

@@ -363,6 +363,16 @@ class _Insert:
         return refused
 
 
+def _back_to_pending(ids: Iterable[int]) -> Operation:
+    """The operation that puts rows in flight back in the queue, untouched otherwise."""
+    params = [(State.PENDING.value, row_id, State.INFLIGHT.value) for row_id in ids]
+
+    def update(connection: sqlite3.Connection) -> None:
+        connection.executemany("UPDATE deliveries SET state = ? WHERE id = ? AND state = ?", params)
+
+    return update
+
+
 def _due_now_if_beyond(
     connection: sqlite3.Connection, webhook: str, now: float, horizon: float
 ) -> None:
@@ -902,12 +912,6 @@ class Outbox:
         writer's own, and wake their webhooks: a reload's new dispatcher claims them."""
         if not refused:
             return
-        params = [(State.PENDING.value, row.id, State.INFLIGHT.value) for row in refused]
-
-        def update(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "UPDATE deliveries SET state = ? WHERE id = ? AND state = ?", params
-            )
 
         def woken(ok: bool, error: Any) -> None:
             if not ok:
@@ -918,11 +922,13 @@ class Outbox:
                 for webhook in {row.webhook for row in refused}:
                     self._router.wake(webhook)
 
-        # Nobody awaits this future: `woken` hears the outcome. Marked as seen so that an
+        # Queued directly (this runs in the writer's follow-up, which cannot await): nobody
+        # awaits the future, `woken` hears the outcome, and it is marked as seen so that an
         # error on it is not reported again as never retrieved.
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._queue.append(_Queued(update, future, False, False, woken))
+        operation = _back_to_pending(row.id for row in refused)
+        self._queue.append(_Queued(operation, future, False, False, woken))
         self._flush()
 
     async def _room_again(self) -> bool:
@@ -1049,14 +1055,7 @@ class Outbox:
 
     async def release(self, ids: Iterable[int]) -> None:
         """Put claimed rows back untouched (a shutdown interrupted their attempt)."""
-        params = [(State.PENDING.value, row_id, State.INFLIGHT.value) for row_id in ids]
-
-        def update(connection: sqlite3.Connection) -> None:
-            connection.executemany(
-                "UPDATE deliveries SET state = ? WHERE id = ? AND state = ?", params
-            )
-
-        await self._submit(update)
+        await self._submit(_back_to_pending(ids))
 
     async def prune(self, delivered_before: float) -> int:
         """Forget delivered rows that finished before the given time."""

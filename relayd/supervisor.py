@@ -14,9 +14,11 @@ import asyncio
 import fcntl
 import os
 import time
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -74,7 +76,8 @@ def lock_state_dir(state_dir: Path) -> int:
     """Hold an exclusive lock so two daemons never deliver from one outbox."""
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if state_dir.stat().st_mode & 0o077 and state_dir.stat().st_uid == os.geteuid():
+        folder = state_dir.stat()
+        if folder.st_mode & 0o077 and folder.st_uid == os.geteuid():
             state_dir.chmod(0o700)  # made by an older relayd, or by hand
         fd = os.open(state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
@@ -195,7 +198,7 @@ class Supervisor:
                 group.create_task(self._prune_loop(), name="relayd-prune"),
                 group.create_task(self._tick_loop(), name="relayd-tick"),
             ]
-            await self.refresh_backlog()
+            # The backlog was read by the first _apply, for its warning about orphaned rows.
             log.info("started", drives=len(self.watchers), webhooks=len(self.dispatchers))
             self.started.set()
             self._notifier.ready(self.status_line())
@@ -320,13 +323,8 @@ class Supervisor:
         """Rows kept for webhooks the config no longer has wait for nobody: say so, once at start
         and at each reload that removes a webhook. They are kept: a rename or a mistake is
         undone by putting the webhook back."""
-        assert self.outbox is not None
-        try:
-            counts, _ = await self.outbox.backlog()
-        except Exception as exc:  # a warning cannot be given; the start or reload goes on
-            log.error("cannot read the outbox backlog", error=str(exc))
-            return
-        for webhook, waiting in sorted(counts.items()):
+        await self.refresh_backlog()
+        for webhook, waiting in sorted(self.backlog.counts.items()):
             if webhook not in config.webhooks:
                 log.warning(
                     "notifications wait in the outbox for a webhook that is not configured",
@@ -346,8 +344,16 @@ class Supervisor:
             on_result=self.metrics.observe,
         )
         self.dispatchers[name] = dispatcher
+        # Restarted if it ever fails; what it had claimed went back to the queue as it ended.
+        grace = config.shutdown_grace
         self._dispatch_tasks[name] = self._group.create_task(
-            self._keep_dispatching(dispatcher, config.shutdown_grace), name=f"relayd-webhook-{name}"
+            _keep_running(
+                lambda: dispatcher.run(grace=grace),
+                what="webhook dispatcher",
+                logger=log.bind(webhook=name),
+                delay=DISPATCHER_RESTART_DELAY,
+            ),
+            name=f"relayd-webhook-{name}",
         )
 
     def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None = None) -> None:
@@ -420,32 +426,11 @@ class Supervisor:
     # -- the drives' tasks and housekeeping -------------------------------------------------------
 
     async def _keep_watching(self, watcher: DriveWatcher) -> None:
-        """A drive's task: its watcher, restarted if it ever fails, never taking others down."""
+        """A drive's task: its watcher, restarted if it ever fails."""
         structlog.contextvars.bind_contextvars(drive=watcher.drive.name)
-        while True:
-            try:
-                await watcher.run()
-                return
-            except Exception:
-                watcher.log.exception(
-                    "drive watcher failed; restarting it", retry_in=DRIVE_RESTART_DELAY
-                )
-            await asyncio.sleep(DRIVE_RESTART_DELAY)
-
-    async def _keep_dispatching(self, dispatcher: Dispatcher, grace: float) -> None:
-        """A webhook's task: its dispatcher, restarted if it ever fails, never taking others
-        down. What it had claimed went back to the queue as it ended."""
-        while True:
-            try:
-                await dispatcher.run(grace=grace)
-                return
-            except Exception:
-                log.exception(
-                    "webhook dispatcher failed; restarting it",
-                    webhook=dispatcher.name,
-                    retry_in=DISPATCHER_RESTART_DELAY,
-                )
-            await asyncio.sleep(DISPATCHER_RESTART_DELAY)
+        await _keep_running(
+            watcher.run, what="drive watcher", logger=watcher.log, delay=DRIVE_RESTART_DELAY
+        )
 
     async def _prune_loop(self) -> None:
         """Forget delivered rows past their retention, hourly. A store that fails (a CLI holding
@@ -456,8 +441,7 @@ class Supervisor:
             try:
                 removed = await self.outbox.prune(time.time() - retention)
             except Exception as exc:
-                log.error("cannot prune the outbox, will try again", error=str(exc),
-                          retry_in=PRUNE_RETRY)  # fmt: skip
+                log.error("cannot prune the outbox", error=str(exc), retry_in=PRUNE_RETRY)
                 await asyncio.sleep(PRUNE_RETRY)
                 continue
             if removed:
@@ -498,6 +482,20 @@ class Supervisor:
         connected = sum(1 for w in self.watchers.values() if w.status.state is DriveState.CONNECTED)
         waiting = sum(self.backlog.counts.values())
         return f"{connected}/{len(self.watchers)} drives connected, {waiting} notifications waiting"
+
+
+async def _keep_running(
+    run: Callable[[], Awaitable[None]], *, what: str, logger: Any, delay: float
+) -> None:
+    """A long-lived task's body, run again `delay` seconds after it fails on something
+    unexpected: one failed task of the TaskGroup would cancel every other, ending the daemon."""
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            logger.exception(f"{what} failed; restarting it", retry_in=delay)
+        await asyncio.sleep(delay)
 
 
 async def _finish(tasks: list[asyncio.Task[None]], within: float) -> None:

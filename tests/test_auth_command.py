@@ -12,9 +12,8 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +22,23 @@ import pytest
 import yaml
 from conftest import relay_config
 from support.configs import TOKEN, relay_document
+from support.daemon import free_port, write_daemon_config
 from support.token_endpoint import make_jwt
 from support.waiting import wait_until
 from test_cli import RelayProcess, run_cli
 
 from relayd.auth import (
-    REDACTED,
     STDERR_SHOWN,
     AuthError,
     CommandTokenProvider,
     FileTokenProvider,
     TokenProblem,
-    redact,
     stderr_summary,
     token_problem,
 )
 from relayd.config import ConfigError, parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.logs import REDACTED
 
 # What a failing token helper might print on stderr: an access token (JWT) and an opaque refresh
 # token, the two shapes a log redaction that looks for JWTs alone lets through one of.
@@ -108,12 +107,6 @@ def hanging_command(tmp_path: Path) -> Path:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def daemon_config(
     tmp_path: Path,
     emulator: GraphEmulator,
@@ -122,23 +115,45 @@ def daemon_config(
 ) -> tuple[Path, int]:
     """A config file for `relayd run`: one drive on `account`, admin on a free loopback port."""
     port = free_port()
-    document = relay_document(
-        tmp_path,
+    path = write_daemon_config(
+        tmp_path / "config.yaml",
         emulator,
         receiver,
-        admin={"listen": f"127.0.0.1:{port}"},
-        log={"level": "debug", "format": "json"},
+        state_dir=tmp_path / "state",
+        admin_port=port,
+        accounts={"test": account},
     )
-    document["accounts"] = {"test": account}
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump(document))
     return path, port
 
 
+async def command_running(tmp_path: Path, reap: list[int]) -> tuple[int, int]:
+    """Wait until the hanging command runs; its shell's and its child's pids (to be reaped)."""
+    await wait_until(
+        lambda: read_pid(tmp_path / "shell.pid") and read_pid(tmp_path / "child.pid"),
+        timeout=30,
+        what="command running",
+    )
+    shell, child = read_pid(tmp_path / "shell.pid"), read_pid(tmp_path / "child.pid")
+    assert shell is not None and child is not None
+    reap.extend([shell, child])
+    return shell, child
+
+
+StartDaemon = Callable[[Path], Awaitable[RelayProcess]]
+
+
 @pytest.fixture
-async def daemons() -> AsyncIterator[list[RelayProcess]]:
+async def start_daemon() -> AsyncIterator[StartDaemon]:
+    """`relay = await start_daemon(config)`: a started `relayd run`, killed at the end."""
     started: list[RelayProcess] = []
-    yield started
+
+    async def start(config: Path) -> RelayProcess:
+        relay = RelayProcess(config)
+        started.append(relay)
+        await relay.start()
+        return relay
+
+    yield start
     for relay in started:
         await relay.stop()
 
@@ -181,7 +196,7 @@ async def test_a_hanging_wrapper_is_killed_with_its_child_and_the_timeout_shows_
     emulator: GraphEmulator,
     receiver: WebhookReceiver,
     http: aiohttp.ClientSession,
-    daemons: list[RelayProcess],
+    start_daemon: StartDaemon,
     reap: list[int],
 ) -> None:
     command = hanging_command(tmp_path)
@@ -191,14 +206,9 @@ async def test_a_hanging_wrapper_is_killed_with_its_child_and_the_timeout_shows_
         receiver,
         {"token_command": str(command), "token_command_timeout": "2s"},
     )
-    relay = RelayProcess(config)
-    daemons.append(relay)
-    await relay.start()
-    await wait_until(lambda: read_pid(tmp_path / "child.pid"), timeout=30, what="command running")
+    relay = await start_daemon(config)
+    shell, child = await command_running(tmp_path, reap)
     started = time.monotonic()
-    shell, child = read_pid(tmp_path / "shell.pid"), read_pid(tmp_path / "child.pid")
-    assert shell is not None and child is not None
-    reap.extend([shell, child])
 
     _, report = await wait_for_error(http, port, "took longer than 2s", timeout=20)
     noticed = time.monotonic() - started
@@ -226,7 +236,7 @@ async def test_shutdown_while_the_command_runs_kills_its_children(
     tmp_path: Path,
     emulator: GraphEmulator,
     receiver: WebhookReceiver,
-    daemons: list[RelayProcess],
+    start_daemon: StartDaemon,
     reap: list[int],
 ) -> None:
     command = hanging_command(tmp_path)
@@ -236,13 +246,8 @@ async def test_shutdown_while_the_command_runs_kills_its_children(
         receiver,
         {"token_command": str(command), "token_command_timeout": "10m"},
     )
-    relay = RelayProcess(config)
-    daemons.append(relay)
-    await relay.start()
-    await wait_until(lambda: read_pid(tmp_path / "child.pid"), timeout=30, what="command running")
-    shell, child = read_pid(tmp_path / "shell.pid"), read_pid(tmp_path / "child.pid")
-    assert shell is not None and child is not None
-    reap.extend([shell, child])
+    relay = await start_daemon(config)
+    shell, child = await command_running(tmp_path, reap)
     assert alive(child)
 
     relay.signal(signal.SIGTERM)
@@ -260,7 +265,7 @@ async def test_a_failing_command_never_shows_its_secrets_in_status_cli_or_log(
     emulator: GraphEmulator,
     receiver: WebhookReceiver,
     http: aiohttp.ClientSession,
-    daemons: list[RelayProcess],
+    start_daemon: StartDaemon,
 ) -> None:
     # First run: a good (short, opaque) token. Every later run fails the way a token helper
     # does, echoing the cached access token, a JWT and a refresh token on stderr.
@@ -273,9 +278,7 @@ async def test_a_failing_command_never_shows_its_secrets_in_status_cli_or_log(
         "exit 3\n",
     )
     config, port = daemon_config(tmp_path, emulator, receiver, {"token_command": str(command)})
-    relay = RelayProcess(config)
-    daemons.append(relay)
-    await relay.start()
+    relay = await start_daemon(config)
     await wait_until(lambda: emulator.connected("me") == 1, timeout=30, what="relay connected")
     emulator.revoke_token(TOKEN)  # Graph refuses the token: relayd runs the command again
     await emulator.kick("me")
@@ -305,14 +308,12 @@ async def test_a_multi_line_token_is_a_one_line_error_without_a_traceback(
     emulator: GraphEmulator,
     receiver: WebhookReceiver,
     http: aiohttp.ClientSession,
-    daemons: list[RelayProcess],
+    start_daemon: StartDaemon,
 ) -> None:
     first, second = "first-line-of-a-token-abcdefgh", "second-line-of-a-token-ijklmnop"
     command = script(tmp_path, "two-lines", f"printf '{first}\\n{second}\\n'\n")
     config, port = daemon_config(tmp_path, emulator, receiver, {"token_command": str(command)})
-    relay = RelayProcess(config)
-    daemons.append(relay)
-    await relay.start()
+    relay = await start_daemon(config)
 
     text, report = await wait_for_error(http, port, "more than one line", timeout=30)
     drive = report["drives"]["d1"]
@@ -376,14 +377,7 @@ async def test_a_token_printed_before_a_background_child_keeps_the_pipes_open_is
 async def test_a_cancelled_fetch_kills_the_command_group(tmp_path: Path, reap: list[int]) -> None:
     tokens = CommandTokenProvider("ci", str(hanging_command(tmp_path)), timeout=600.0)
     fetch = asyncio.create_task(tokens.token())
-    await wait_until(
-        lambda: read_pid(tmp_path / "shell.pid") and read_pid(tmp_path / "child.pid"),
-        timeout=20,
-        what="command running",
-    )
-    shell, child = read_pid(tmp_path / "shell.pid"), read_pid(tmp_path / "child.pid")
-    assert shell is not None and child is not None
-    reap.extend([shell, child])
+    shell, child = await command_running(tmp_path, reap)
     fetch.cancel()
     with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(fetch, 20)
@@ -461,21 +455,6 @@ async def test_the_last_good_token_is_masked_even_when_short(tmp_path: Path) -> 
 
 
 # ---- pure parts -------------------------------------------------------------------------------
-
-
-def test_redact_masks_long_token_like_words_whatever_their_shape() -> None:
-    text = f"jwt {JWT} refresh {OPAQUE} b64 dGhpcyBpcyBhIHNlY3JldCE= ok short-word 15-chars-abcdef"
-    assert redact(text) == (
-        f"jwt {REDACTED} refresh {REDACTED} b64 {REDACTED} ok short-word 15-chars-abcdef"
-    )
-    assert redact("login with 0123456789abcdef now") == f"login with {REDACTED} now"  # 16
-    assert redact("code 0123456789abcde now") == "code 0123456789abcde now"  # 15
-
-
-def test_redact_masks_given_secrets_of_any_length() -> None:
-    assert redact("token abc was refused; abcdef too", ["abc", None, ""]) == (
-        f"token {REDACTED} was refused; {REDACTED}def too"
-    )
 
 
 def test_stderr_summary_is_the_first_line_redacted_and_capped() -> None:

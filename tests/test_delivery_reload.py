@@ -8,7 +8,6 @@ Not one of them may be left behind.
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -17,9 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import TOKEN, of_type, seqs
+from conftest import of_type, seqs
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
+from support.configs import FAST_RETRY, relay_document
 from support.delivery_helpers import new_secret
 from support.waiting import wait_until
 from test_cli import RelayProcess
@@ -34,35 +34,15 @@ RELOADS = 50
 def hook_document(
     tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, secret: str
 ) -> dict[str, Any]:
-    (tmp_path / "token").write_text(TOKEN)
-    return {
-        "graph": {"base_url": emulator.base_url},
-        "state_dir": "state",
-        "admin": {"listen": ""},
-        "log": {"level": "info", "format": "json"},
-        "accounts": {"test": {"token_file": "token"}},
-        "webhooks": {
-            "hook": {
-                "url": receiver.url("hook"),
-                "secret": secret,
-                "retry": {"initial_delay": 0.05, "max_delay": 0.3},
-            }
-        },
-        "drives": [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
-    }
-
-
-def log_events(relay: RelayProcess, event: str) -> int:
-    """How many log lines of the daemon carry this event."""
-    if not relay.log.exists():
-        return 0
-    found = 0
-    for line in relay.log.read_text().splitlines():
-        try:
-            found += json.loads(line).get("event") == event
-        except ValueError:
-            continue  # a line cut short while the daemon writes it
-    return found
+    """The daemon's config with the webhook signing with `secret`."""
+    hook = {"url": receiver.url("hook"), "secret": secret, "retry": FAST_RETRY}
+    return relay_document(
+        tmp_path,
+        emulator,
+        receiver,
+        webhooks={"hook": hook},
+        log={"level": "info", "format": "json"},
+    )
 
 
 def stranded_rows(state_dir: Path) -> list[tuple[str, int]]:
@@ -121,7 +101,7 @@ async def test_fifty_secret_rotations_under_load_deliver_every_notification_and_
             relay.config.write_text(yaml.safe_dump(document))
             relay.signal(1)  # SIGHUP
             await wait_until(
-                lambda n=reload: log_events(relay, "config reloaded") >= n,
+                lambda n=reload: len(relay.events("config reloaded")) >= n,
                 timeout=30,
                 what=f"reload {reload} applied",
             )

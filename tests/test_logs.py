@@ -185,3 +185,24 @@ async def test_the_daemons_stderr_is_json_lines_only_and_holds_no_secret(
     secrets = emulator.issued_secrets()
     assert secrets and f"token={secrets[0]}" in seen[0]  # the credential did travel, unlogged
     assert not any(secret in text for secret in secrets)
+
+
+# What a failing token helper might print: an access token (a JWT) and an opaque refresh token.
+JWT = "eyJhbGciOiJSUzI1NiJ9.eyJ1cG4iOiJhZGFAY29udG9zby5leGFtcGxlIn0.c2lnbmF0dXJlLWJ5dGVz"
+OPAQUE = "0.AXYAq8mT3xKz-Hd1ZyQb7LmNpRsTuVwXy"
+
+
+def test_mask_opaque_masks_long_token_like_words_whatever_their_shape() -> None:
+    text = f"jwt {JWT} refresh {OPAQUE} b64 dGhpcyBpcyBhIHNlY3JldCE= ok short-word 15-chars-abcdef"
+    assert logs.mask_opaque(text) == (
+        f"jwt {logs.REDACTED} refresh {logs.REDACTED} b64 {logs.REDACTED} ok short-word"
+        " 15-chars-abcdef"
+    )
+    assert logs.mask_opaque("login with 0123456789abcdef now") == f"login with {logs.REDACTED} now"
+    assert logs.mask_opaque("code 0123456789abcde now") == "code 0123456789abcde now"  # 15
+
+
+def test_mask_opaque_masks_given_secrets_of_any_length() -> None:
+    assert logs.mask_opaque("token abc was refused; abcdef too", ["abc", None, ""]) == (
+        f"token {logs.REDACTED} was refused; {logs.REDACTED}def too"
+    )
