@@ -431,6 +431,9 @@ class Outbox:
         self._flush_now = False  # the queue holds an operation that should not wait
         self._flush_timer: asyncio.TimerHandle | None = None  # ends a deferred operation's wait
         self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
+        # Where frames written since the last checkpoint start in the WAL file: its size then,
+        # or 0 once SQLite has started the WAL over (see _checkpoint_due).
+        self._wal_base = 0
         self._wal_fd = -1  # the WAL file, for the fsync after a durable commit made on the loop
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
@@ -501,8 +504,9 @@ class Outbox:
             # Checkpoints fsync: the writer runs them in the thread (see _checkpoint), so that
             # none happens inside a commit made on the event loop.
             connection.execute("PRAGMA wal_autocheckpoint = 0")
-            # When SQLite starts the WAL over after a checkpoint, the file is cut back to this.
-            connection.execute(f"PRAGMA journal_size_limit = {self._wal_limit}")
+            # When SQLite starts the WAL over after a checkpoint, the file is cut back to this:
+            # below the checkpoint size, so that the file's growth shows what was written since.
+            connection.execute(f"PRAGMA journal_size_limit = {self._wal_limit // 2}")
             connection.execute("BEGIN IMMEDIATE")  # proves the file is writable, now, not later
             # Not executescript(): it would commit the transaction opened above.
             for statement in SCHEMA.split(";"):
@@ -679,17 +683,26 @@ class Outbox:
         return self._connection.total_changes if self._connection is not None else 0
 
     def _checkpoint_due(self) -> bool:
-        if self._changes() - self._checkpointed_at >= CHECKPOINT_AFTER_CHANGES:
+        """After so many changed rows, or once so many bytes of WAL were written since the last
+        checkpoint. The file's size alone does not say that: it stays as large as it once grew
+        (cut back only to journal_size_limit) while SQLite writes it over from the start."""
+        changed = self._changes() - self._checkpointed_at
+        if changed >= CHECKPOINT_AFTER_CHANGES:
             return True
+        if not changed:
+            return False
+        try:
+            size = os.fstat(self._wal_fd).st_size
+        except OSError:
+            return False
+        if size < self._wal_base:  # cut back: SQLite started the WAL over, writing from its start
+            self._wal_base = 0
         limit = (
             min(self._wal_limit, WAL_CHECKPOINT_BYTES_FULL) if self.disk_full else self._wal_limit
         )
-        try:
-            return (
-                os.fstat(self._wal_fd).st_size >= limit and self._changes() > self._checkpointed_at
-            )
-        except OSError:
-            return False
+        # A start-over that did not shrink the file goes unseen: then this waits for at most
+        # journal_size_limit (half the limit) more than it should.
+        return size - self._wal_base >= limit
 
     def _checkpoint(self, *, truncate: bool = False) -> None:
         """Copy the WAL back into the database file, so that it stops growing.
@@ -704,6 +717,8 @@ class Outbox:
                 mode = "TRUNCATE" if truncate else "PASSIVE"
                 self._connection.execute(f"PRAGMA wal_checkpoint({mode})")
                 self.checkpoints += 1
+        with contextlib.suppress(OSError):
+            self._wal_base = os.fstat(self._wal_fd).st_size
 
     async def _commit(
         self,
