@@ -185,14 +185,14 @@ class Inbox:
         self._limit = limit
         self._events: collections.deque[list[NewDelivery]] = collections.deque()
         self.taken: list[NewDelivery] = []  # with the pump, not yet committed
-        self._held = 0  # deliveries in _events and taken
+        self._held = 0  # notifications in _events and taken (each once, whatever its webhooks)
         self._notice_held = False
         self._changed = asyncio.Event()
         self._open = True
-        self.refused = 0  # deliveries that arrived after close(): received, never held
+        self.refused = 0  # notifications that arrived after close(): received, never held
 
     def __len__(self) -> int:
-        """Deliveries held (taken or waiting): what a crash or a stop would lose."""
+        """Notifications held (taken or waiting): what a crash or a stop would lose."""
         return self._held
 
     async def put(self, deliveries: list[NewDelivery]) -> None:
@@ -200,10 +200,10 @@ class Inbox:
             self._changed.clear()
             await self._changed.wait()
         if not self._open:
-            self.refused += len(deliveries)
+            self.refused += _notifications(deliveries)
             return
         self._events.append(deliveries)
-        self._held += len(deliveries)
+        self._held += _notifications(deliveries)
         self._changed.set()
 
     def notice(self, deliveries: list[NewDelivery]) -> bool:
@@ -212,7 +212,7 @@ class Inbox:
             return False
         self._notice_held = True
         self._events.append(deliveries)
-        self._held += len(deliveries)
+        self._held += _notifications(deliveries)
         self._changed.set()
         return True
 
@@ -230,13 +230,13 @@ class Inbox:
         return self.taken
 
     def stored(self) -> None:
-        self._held -= len(self.taken)
+        self._held -= _notifications(self.taken)
         self.taken = []
         self._changed.set()
 
     def close(self) -> int:
         """The drive is going away for good: refuse (and count) what still arrives, and say how
-        many deliveries received from Graph were never stored."""
+        many notifications received from Graph were never stored."""
         self._open = False
         self._changed.set()
         return self._held + self.refused
@@ -252,6 +252,11 @@ class Inbox:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), left)
         return True
+
+
+def _notifications(deliveries: list[NewDelivery]) -> int:
+    """Notifications among deliveries: one per webhook-id, however many webhooks it goes to."""
+    return len({delivery.message_id for delivery in deliveries})
 
 
 class ConnectionLost(Exception):

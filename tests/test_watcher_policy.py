@@ -4,8 +4,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from relayd.events import notification_deliveries
 from relayd.graph import BACKOFF_MAX, backoff_delay
-from relayd.watcher import RENEW_FLOOR, RENEW_WITHOUT_EXPIRY, dedupe_key, renewal_delay
+from relayd.watcher import (
+    RENEW_FLOOR,
+    RENEW_WITHOUT_EXPIRY,
+    Inbox,
+    dedupe_key,
+    renewal_delay,
+)
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -40,3 +47,17 @@ def test_copies_from_two_subscriptions_share_a_dedupe_key() -> None:
     b = {"subscriptionId": "2", "clientState": "y", "expirationDateTime": "t2", "resource": "r"}
     c = {**a, "resource": "other"}
     assert dedupe_key(a) == dedupe_key(b) != dedupe_key(c)
+
+
+async def test_the_inbox_counts_notifications_once_whatever_their_webhooks() -> None:
+    """What /status, the unstored metric and the lost count at a stop say: notifications, each
+    once, however many webhooks it fans out to."""
+    inbox = Inbox(limit=10)
+    fan_out = notification_deliveries("d1", "me", ["a", "b"], [{"n": 1}, {"n": 2}], 0.0)
+    await inbox.put(fan_out)  # two notifications, four deliveries
+    assert len(inbox) == 2
+    assert len(await inbox.take()) == 4
+    inbox.stored()
+    assert len(inbox) == 0
+    await inbox.put(fan_out[:2])  # one notification, both of its webhooks
+    assert inbox.close() == 1
