@@ -62,7 +62,9 @@ def alive(pid: int) -> bool:
         return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
+        # The process can be reaped between the kill() above and the read: the file was opened
+        # but its read answers ESRCH.
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
