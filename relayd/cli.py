@@ -34,11 +34,11 @@ def config_path(given: str | None) -> Path:
     return Path(given or os.environ.get("RELAYD_CONFIG") or DEFAULT_CONFIG)
 
 
-def _load(given: str | None) -> Config:
+def _load(given: str | None, *, check_files: bool = False) -> Config:
     path = config_path(given)
     if not path.exists():
         raise ConfigFileMissing(f"{path}: no such config file (use --config or RELAYD_CONFIG)")
-    return load_config(path)
+    return load_config(path, check_files=check_files)
 
 
 class ConfigFileMissing(Exception):
@@ -127,7 +127,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, check_files=True)
     print(
         f"{config_path(args.config)}: ok ({len(config.drives)} drives, "
         f"{len(config.webhooks)} webhooks, {len(config.accounts)} accounts)"

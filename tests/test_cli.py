@@ -177,6 +177,35 @@ def test_check_config_accepts_a_good_file_and_names_the_line_of_a_bad_one(tmp_pa
     assert f"{bad}:4: drives[0].resourse: unknown key" in err
 
 
+def test_check_config_refuses_an_unreadable_token_file_that_run_would_wait_for(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "accounts: {ci: {token_file: token}}\n"
+        "webhooks: {w: {url: 'http://127.0.0.1:1/x'}}\n"
+        "drives:\n  - {name: a, account: ci, resource: me, webhook: w}\n"
+    )
+    code, _, err = run_cli("check-config", "--config", str(path))
+    assert code == 1
+    assert (
+        err
+        == f"{path}:1: accounts.ci.token_file: cannot read the file: No such file or directory\n"
+    )
+
+    (tmp_path / "token").write_text("t")
+    code, out, _ = run_cli("check-config", "--config", str(path))
+    assert code == 0, out
+
+
+def test_check_config_refuses_an_empty_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("# to be written\n")
+    code, _, err = run_cli("check-config", "--config", str(path))
+    assert code == 1
+    assert "the file is empty" in err
+
+
 def test_a_missing_config_file_is_a_clear_error(tmp_path: Path) -> None:
     code, _, err = run_cli("run", "--config", str(tmp_path / "nope.yaml"))
     assert code == 1
