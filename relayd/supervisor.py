@@ -462,6 +462,10 @@ class Supervisor:
                 try:
                     await self.refresh_backlog()
                     self._notifier.status(self.status_line())
+                    for name, dispatcher in self.dispatchers.items():
+                        dispatcher.check_health(waiting=self.backlog.counts.get(name, 0))
+                    for watcher in self.watchers.values():
+                        watcher.check_health()
                 except Exception:
                     # The watchdog pings above must go on whatever the status line meets.
                     log.exception("cannot refresh the status line")
