@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from relayd import logs
+from relayd import __version__, logs
 from relayd.admin import AdminServer, Metrics
 from relayd.auth import (
     CommandTokenProvider,
@@ -199,7 +199,19 @@ class Supervisor:
                 group.create_task(self._tick_loop(), name="relayd-tick"),
             ]
             # The backlog was read by the first _apply, for its warning about orphaned rows.
-            log.info("started", drives=len(self.watchers), webhooks=len(self.dispatchers))
+            config = self.config
+            log.info(
+                "started",
+                version=__version__,
+                config=str(self.config_path) if self.config_path else None,
+                state_dir=str(config.state_dir),
+                store=f"sqlite {config.state_dir / OUTBOX_FILE}",
+                admin=f"http://{config.admin.listen}" if config.admin.enabled else "off",
+                drives=len(self.watchers),
+                webhooks=len(self.dispatchers),
+                accounts=len(config.accounts),
+                waiting=sum(self.backlog.counts.values()),
+            )
             self.started.set()
             self._notifier.ready(self.status_line())
 
@@ -221,10 +233,18 @@ class Supervisor:
             for task in housekeeping:
                 task.cancel()
         self._group = None
+        # What the next start delivers: stored, so not lost, but an operator wants the count.
+        await self.refresh_backlog()
+        waiting = {name: count for name, count in self.backlog.counts.items() if count}
         if self.lost:
-            log.error("stopped; notifications received from Graph were lost", lost=self.lost)
+            log.error(
+                "stopped; notifications received from Graph were lost",
+                lost=self.lost,
+                waiting=sum(waiting.values()),
+                waiting_per_webhook=waiting,
+            )
         else:
-            log.info("stopped")
+            log.info("stopped", waiting=sum(waiting.values()), waiting_per_webhook=waiting)
 
     # -- reload ----------------------------------------------------------------------------------
 

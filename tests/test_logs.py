@@ -21,8 +21,10 @@ from support.daemon import Daemon, free_port, write_daemon_config
 from support.waiting import eventually, wait_until
 from test_cli import RelayProcess, write_config
 
+import relayd
 from relayd import logs
 from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.emulator.receiver import ScriptedResponse
 
 
 def test_redact_masks_query_credentials_bearer_jwt_and_secrets() -> None:
@@ -276,5 +278,36 @@ async def test_a_reload_that_changes_the_log_format_or_level_reaches_every_logge
         assert "delivered" not in tail and "[debug" not in tail
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
+    finally:
+        await daemon.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_start_says_what_runs_where_and_stop_says_what_was_left_waiting(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
+) -> None:
+    receiver.set_default("hook", ScriptedResponse(status=503))  # nothing gets through
+    port = free_port()
+    state = tmp_path / "state"
+    config = write_daemon_config(
+        tmp_path / "relayd.yaml", emulator, receiver, state_dir=state, admin_port=port
+    )
+    daemon = Daemon(config, port)
+    await daemon.start()
+    try:
+        await wait_until(lambda: daemon.events("started"), timeout=30, what="started")
+        (started,) = daemon.events("started")
+        assert started["version"] == relayd.__version__
+        assert (started["config"], started["state_dir"]) == (str(config), str(state))
+        assert started["store"] == f"sqlite {state / 'outbox.sqlite3'}"
+        assert started["admin"] == f"http://127.0.0.1:{port}"
+        assert (started["drives"], started["webhooks"], started["accounts"]) == (1, 1, 1)
+        await wait_until(lambda: emulator.connected("me") == 1, timeout=30, what="connected")
+        await emulator.emit("me", 3)
+        await wait_until(lambda: len(receiver.requests) >= 3, what="three attempts")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+        (stopped,) = daemon.events("stopped")
+        assert (stopped["waiting"], stopped["waiting_per_webhook"]) == (3, {"hook": 3})
     finally:
         await daemon.stop()
