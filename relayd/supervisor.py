@@ -16,7 +16,6 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Outbox, Reservation
+from relayd.outbox import Backlog, Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
@@ -109,14 +108,6 @@ def daemon_pid(state_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """Notifications waiting per webhook, and the creation time of the oldest one."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-    oldest: dict[str, float] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -495,11 +486,9 @@ class Supervisor:
         if self.outbox is None:
             return
         try:
-            counts, oldest = await self.outbox.backlog()
+            self.backlog = await self.outbox.backlog()
         except Exception as exc:  # the last figures stay; the next refresh may well work
             log.error("cannot read the outbox backlog", error=str(exc))
-            return
-        self.backlog = Backlog(counts=counts, oldest=oldest)
 
     def status_line(self) -> str:
         """systemd's STATUS=: one line a person reads in `systemctl status`."""
