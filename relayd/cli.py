@@ -135,6 +135,25 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from relayd.doctor import Check, format_check, run_checks
+
+    path = config_path(args.config)
+    config = _load(args.config, check_files=True)  # an invalid file stops here, as check-config
+    counts = (
+        f"{len(config.drives)} drives, {len(config.webhooks)} webhooks,"
+        f" {len(config.accounts)} accounts"
+    )
+    checks = [
+        Check("config", True, f"{path} is valid ({counts})"),
+        *asyncio.run(run_checks(config)),
+    ]
+    width = max(len(check.subject) for check in checks)
+    for check in checks:
+        print(format_check(check, width))
+    return 0 if all(check.ok for check in checks) else 1
+
+
 # -- outbox -------------------------------------------------------------------------------------
 
 
@@ -334,6 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(
         commands.add_parser("check-config", help="validate the config file; exit 0 or 1")
     ).set_defaults(handler=cmd_check_config)
+    with_config(
+        commands.add_parser(
+            "doctor",
+            help="check the config, then that accounts get tokens Graph accepts, webhooks"
+            " answer, state_dir is private and writable, the admin address is free; exit 0 or 1",
+        )
+    ).set_defaults(handler=cmd_doctor)
     with_config(
         commands.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
     ).set_defaults(handler=cmd_reload)
