@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -17,6 +18,7 @@ from conftest import TOKEN, of_type, seqs, wait_notifications
 from support.daemon import Daemon
 from support.waiting import wait_until
 
+from relayd import cli
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ScriptedResponse
 
@@ -249,3 +251,44 @@ def test_relayd_reload_without_a_daemon_says_so(tmp_path: Path) -> None:
     code, _, err = run_cli("reload", "--config", str(config))
     assert code == 1
     assert "no relayd is running with state_dir" in err
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = cli.build_parser()
+    (group,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(group.choices)
+
+
+def test_every_command_describes_itself_and_its_exit_codes() -> None:
+    for name, sub in subcommands().items():
+        text = sub.format_help()
+        assert sub.description, name
+        assert "exit codes:\n  0  " in text, name
+
+
+def test_the_readme_lists_every_command() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [name for name in subcommands() if f"`relayd {name}" not in readme]
+    assert missing == []
+
+
+def test_config_is_accepted_before_or_after_the_command(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "accounts: {ci: {token_command: echo t}}\n"
+        "webhooks: {w: {url: 'http://127.0.0.1:1/x'}}\n"
+        "drives:\n  - {name: a, account: ci, resource: me, webhook: w}\n"
+    )
+    for argv in (("-c", str(path), "check-config"), ("check-config", "--config", str(path))):
+        code, out, err = run_cli(*argv)
+        assert (code, out) == (0, f"{path}: ok (1 drives, 1 webhooks, 1 accounts)\n"), err
+    code, out, _ = run_cli("--version")
+    assert code == 0 and out.startswith("relayd ")
+
+
+def test_the_emulator_is_a_command_with_its_own_help() -> None:
+    code, out, _ = run_cli("emulator", "--help")
+    assert code == 0
+    assert out.startswith("usage: relayd emulator")
+    for option in ("--port", "--token", "--lifetime", "--ping-interval"):
+        assert option in out
