@@ -186,6 +186,12 @@ class Dispatcher:
         self._log = log.bind(webhook=name)
         # Attempts are logged one by one at debug level only; the outage is what is logged.
         self.outage = Outage()
+        self.last_status: int | None = None  # of the last failed attempt, for `relayd status`
+
+    @property
+    def next_retry_due(self) -> float | None:
+        """When the earliest retry this dispatcher knows of is due (the clock's time)."""
+        return self._next_due
 
     def wake(self) -> None:
         """New rows for this webhook are waiting in the store."""
@@ -412,6 +418,7 @@ class Dispatcher:
             )
         else:
             self._log.error("delivery failed, dead-lettered", error=result.error, **fields)
+        self.last_status = result.status
         self._tell(self.outage.failed(now, result.error or "failed"))
 
     def check_health(self, waiting: int) -> None:

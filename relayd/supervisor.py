@@ -11,7 +11,9 @@ period), then the outbox (what is queued is committed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +50,7 @@ log = structlog.get_logger("relayd.supervisor")
 
 OUTBOX_FILE = "outbox.sqlite3"
 LOCK_FILE = "relayd.lock"
+DAEMON_FILE = "daemon.json"  # where the running daemon answers: its pid and admin address
 WATCHER_STOP_TIMEOUT = 10.0  # watchers only close sockets and flush their queue to disk
 DRIVE_RESTART_DELAY = 10.0  # after a watcher crashed on something unexpected
 PRUNE_INTERVAL = 3600.0
@@ -128,6 +131,7 @@ class Supervisor:
         self.outbox: Outbox | None = None
         self.admin: AdminServer | None = None
         self.started = asyncio.Event()  # set once every drive and webhook has its task
+        self.started_at = time.time()
         self.backlog = Backlog()
         self.lost = 0  # notifications received but never stored: exit status 3 at the end
         self.last_reload_ok = True
@@ -204,6 +208,7 @@ class Supervisor:
                 waiting=sum(self.backlog.counts.values()),
             )
             self.started.set()
+            self._write_daemon_file()
             self._notifier.ready(self.status_line())
 
             stop = asyncio.create_task(shutdown.wait())
@@ -224,6 +229,8 @@ class Supervisor:
             for task in housekeeping:
                 task.cancel()
         self._group = None
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / DAEMON_FILE).unlink()
         # What the next start delivers: stored, so not lost, but an operator wants the count.
         await self.refresh_backlog()
         waiting = {name: count for name, count in self.backlog.counts.items() if count}
@@ -489,6 +496,30 @@ class Supervisor:
             self.backlog = await self.outbox.backlog()
         except Exception as exc:  # the last figures stay; the next refresh may well work
             log.error("cannot read the outbox backlog", error=str(exc))
+
+    def _write_daemon_file(self) -> None:
+        """Where this daemon answers, in state_dir: `relayd status` finds it there even when the
+        config file on disk no longer loads (that is when it is needed)."""
+        path = self.config.state_dir / DAEMON_FILE
+        try:
+            fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as file:
+                json.dump(self.identity(), file)
+            os.replace(path.with_suffix(".tmp"), path)
+        except OSError as exc:  # a convenience for the CLI: never a reason to stop relaying
+            log.warning("cannot write the daemon file", path=str(path), error=str(exc))
+
+    def identity(self) -> dict[str, Any]:
+        """Which daemon this is, for /status and the state_dir's daemon file."""
+        admin = self.admin
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started_at,
+            "config": str(self.config_path) if self.config_path else None,
+            "state_dir": str(self.config.state_dir),
+            "admin": None if admin is None else f"http://{self.config.admin.host}:{admin.port}",
+        }
 
     def status_line(self) -> str:
         """systemd's STATUS=: one line a person reads in `systemctl status`."""
