@@ -18,16 +18,21 @@ from relayd import __version__, logs
 from relayd.auth import (
     AccountReport,
     AuthError,
+    HttpClient,
     check_account,
     login,
     logout,
     sign_in_account,
 )
 from relayd.config import Config, ConfigError, load_config, parse_duration
+from relayd.network import Network
 from relayd.outbox import Filter, Outbox, OutboxError, State
 from relayd.supervisor import EXIT_LOST, OUTBOX_FILE, StartupError, Supervisor, daemon_pid
 
 DEFAULT_CONFIG = "/etc/relayd/config.yaml"
+# The admin server is local: asked directly, whatever HTTP_PROXY says (an opener with no
+# proxies, where urlopen's default would read the proxy variables).
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def config_path(given: str | None) -> Path:
@@ -109,7 +114,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         host = f"[{host}]"
     url = f"http://{host}:{config.admin.port}/status"
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with _LOCAL.open(url, timeout=5) as response:
             report = json.load(response)
     except OSError as exc:
         print(f"relayd: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
@@ -241,6 +246,11 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 # -- sign-in ----------------------------------------------------------------------------------
 
 
+def _sign_in_client(config: Config) -> HttpClient:
+    """MSAL's HTTP client for the CLI: the daemon's trust (tls.ca_file) and proxy (graph.proxy)."""
+    return Network.from_environment(config.tls.ca_file).sign_in_session(config.graph.proxy)
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
@@ -251,6 +261,7 @@ def cmd_login(args: argparse.Namespace) -> int:
             account,
             config.state_dir,
             show=lambda message: print(message, flush=True),
+            http_client=_sign_in_client(config),
         )
     except AuthError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
@@ -281,8 +292,9 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         return 0
 
     async def check_all() -> list[AccountReport]:
+        client = _sign_in_client(config)
         checks = [
-            check_account(name, account, config.state_dir)
+            check_account(name, account, config.state_dir, http_client=client)
             for name, account in config.accounts.items()
         ]
         return list(await asyncio.gather(*checks))
