@@ -4,7 +4,7 @@
 any port, every connection and request logged to a file), starts `tinyproxy -d`, and waits for
 its port with a deadline. `requests()` reads back what it was asked: `("CONNECT",
 "127.0.0.1:PORT")` for a tunnel (https, wss), `("GET", "http://...")` for plain HTTP.
-scripts/test installs it (apt-get install tinyproxy).
+Started by root, it runs as nobody. scripts/test installs it (apt-get install tinyproxy-bin).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class Tinyproxy:
     def __init__(self, folder: Path, *, credentials: tuple[str, str] | None = None) -> None:
         self.folder = folder
         self.port = free_port()
-        self.log = folder / "tinyproxy.log"
+        self.log = folder / "tinyproxy.out"  # its stdout and stderr: the connection log
         self.credentials = credentials
         self._process: asyncio.subprocess.Process | None = None
 
@@ -46,14 +46,16 @@ class Tinyproxy:
             f"Port {self.port}",
             "Listen 127.0.0.1",
             "Timeout 600",  # an idle tunnel (a quiet WebSocket between pings) stays open
-            f'LogFile "{self.log}"',
+            # No LogFile: in the foreground (-d) tinyproxy logs to its stdout, which is our file,
+            # already open when it drops root (a LogFile would be opened as nobody, and pytest's
+            # folders are root's alone).
             "LogLevel Connect",  # one line per connection and per request
             "MaxClients 2000",
             "Allow 127.0.0.1",
             "DisableViaHeader Yes",
             # No ConnectPort line: CONNECT is allowed to every port (the emulator's are random).
         ]
-        if os.geteuid() == 0:  # tinyproxy drops root; the log file is opened before it does
+        if os.geteuid() == 0:  # it runs as root with a warning; it need not
             lines += ["User nobody", "Group nogroup"]
         if self.credentials:
             lines.append("BasicAuth {} {}".format(*self.credentials))
@@ -63,7 +65,7 @@ class Tinyproxy:
         binary = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
         config = self.folder / "tinyproxy.conf"
         config.write_text(self._config())
-        output = (self.folder / "tinyproxy.out").open("ab")
+        output = self.log.open("ab")
         with output:
             self._process = await asyncio.create_subprocess_exec(
                 binary,
@@ -77,7 +79,9 @@ class Tinyproxy:
         deadline = time.monotonic() + timeout
         while True:
             if self._process.returncode is not None:
-                raise RuntimeError(f"tinyproxy exited with {self._process.returncode}")
+                raise RuntimeError(
+                    f"tinyproxy exited with {self._process.returncode}: {self.log.read_text()}"
+                )
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
             except OSError:
