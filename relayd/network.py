@@ -15,6 +15,7 @@ docs/network.md has the decisions.
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import base64
 import os
 import ssl
@@ -173,6 +174,20 @@ def client_ssl_context(ca_file: Path | None, env: Mapping[str, str]) -> ssl.SSLC
     return context
 
 
+# What asyncio's TLS layer (SSLProtocol) allocates per connection to read into: 256 KiB by
+# default, resident for as long as the connection lives. A relay holds one TLS socket per drive
+# (plus pooled Graph connections), so that buffer was most of a drive's memory over wss (324 KiB
+# per drive against 41 over plain ws; benchmarks/README.md). A TLS record carries at most 16 KiB
+# of data, so reading 16 KiB at a time costs a large download only more loop iterations.
+TLS_READ_BUFFER = 16 * 1024
+
+
+def trim_tls_read_buffers(size: int = TLS_READ_BUFFER) -> None:
+    """Make asyncio's per-connection TLS read buffer `size` bytes, for connections opened from
+    now on. Process-wide: called once by the daemon at start-up."""
+    asyncio.sslproto.SSLProtocol.max_size = size
+
+
 def _errors(exc: BaseException) -> list[BaseException]:
     """`exc` and what caused it, outermost first: python-socketio and python-engineio replace
     aiohttp's error with a bare "Connection error" while it stays as the context."""
@@ -270,6 +285,14 @@ class Network:
     ) -> Network:
         env = os.environ if env is None else env
         return cls(client_ssl_context(ca_file, env), ProxyEnv.from_environ(env))
+
+    def summary(self) -> dict[str, str | None]:
+        """What the environment says, masked: for the start-up log line."""
+        return {
+            "https_proxy": mask_proxy_url(self.env.https) if self.env.https else None,
+            "http_proxy": mask_proxy_url(self.env.http) if self.env.http else None,
+            "no_proxy": self.env.no_proxy or None,
+        }
 
     def proxy(self, url: str, setting: str | None) -> Proxy | None:
         chosen = choose_proxy(url, setting=setting, env=self.env)

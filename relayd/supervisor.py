@@ -42,7 +42,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.network import Network
+from relayd.network import Network, mask_proxy_url, trim_tls_read_buffers
 from relayd.outbox import Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
@@ -170,10 +170,19 @@ class Supervisor:
         config = self.config
         lock = lock_state_dir(config.state_dir)
         try:
+            trim_tls_read_buffers()  # a drive's memory over wss: see relayd.network
             try:
                 self.network = Network.from_environment(config.tls.ca_file)
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 raise StartupError(f"cannot load the CA bundle of SSL_CERT_FILE: {exc}") from None
+            if any(self.network.summary().values()) or config.graph.proxy is not None:
+                log.info(
+                    "outbound proxies",
+                    graph_proxy=None
+                    if config.graph.proxy is None
+                    else mask_proxy_url(config.graph.proxy) or "direct",
+                    **self.network.summary(),
+                )
             async with AsyncExitStack() as stack:
                 # One session for Graph, sockets and webhooks. No connection limit: dispatchers
                 # bound their own concurrency, and with aiohttp's default of 100 the 101st

@@ -130,6 +130,8 @@ async def test_graph_socket_and_webhook_all_go_through_https_proxy(
     assert f"127.0.0.2:{push_host.port}" in tunnels  # the wss socket
     assert f"127.0.0.1:{tls_receiver.port}" in tunnels  # the webhook delivery
     # The proxy's password went as a header; it is nowhere in what relayd shows.
+    [started] = daemon.events("outbound proxies")
+    assert started["https_proxy"] == f"http://***@127.0.0.1:{proxy.port}"
     _, status_text = await daemon.get("/status")
     assert PASSWORD not in daemon.log.read_text()
     assert PASSWORD not in status_text
