@@ -12,11 +12,12 @@ import pytest
 import yaml
 from support.configs import relay_document
 from support.tls import Authority
-from support.waiting import wait_until
+from support.waiting import eventually, wait_until
 
 from relayd import logs
 from relayd.config import Config, ConfigError, parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.emulator.tls import throwaway_ca
 from relayd.network import (
     Network,
     Proxy,
@@ -221,3 +222,70 @@ async def test_without_the_ca_the_drive_says_which_certificate_is_not_trusted(
     finally:
         shutdown.set()
         await asyncio.wait_for(task, 15)
+
+
+async def test_a_webhook_with_an_untrusted_certificate_fails_naming_its_host(
+    tmp_path: Path, ca: Authority, tls_emulator: GraphEmulator
+) -> None:
+    other = throwaway_ca()  # the receiver's certificate comes from a CA relayd does not trust
+    async with WebhookReceiver(ssl_context=other.server_context) as untrusted:
+        document = relay_document(
+            tmp_path, tls_emulator, untrusted, tls={"ca_file": str(ca.ca_file)}
+        )
+        config = parse_config(
+            yaml.safe_dump(document), filename="c.yaml", env={}, base_dir=tmp_path
+        )
+        supervisor = Supervisor(config)
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(supervisor.run(shutdown))
+        try:
+            await wait_until(lambda: tls_emulator.connected("me") == 1, what="wss connected")
+            await tls_emulator.emit("me")
+            assert supervisor.outbox is not None
+            outbox = supervisor.outbox
+
+            async def failed() -> bool:
+                rows = await outbox.rows()
+                return bool(rows) and rows[0]["last_error"] is not None
+
+            await eventually(failed, what="a failed delivery")
+            [row] = await outbox.rows()
+            assert row["last_error"] == (
+                f"TLS certificate of 127.0.0.1:{untrusted.port} is not trusted: "
+                "unable to get local issuer certificate (tls.ca_file adds a CA)"
+            )
+            assert untrusted.requests == []
+        finally:
+            shutdown.set()
+            await asyncio.wait_for(task, 15)
+
+
+async def test_a_push_service_with_an_untrusted_certificate_fails_naming_its_host(
+    tmp_path: Path, ca: Authority, tls_emulator: GraphEmulator, receiver: WebhookReceiver
+) -> None:
+    # Graph is trusted; the notificationUrl points at a server whose CA relayd does not know.
+    # python-socketio replaces the TLS error with "Connection error": the cause is still named.
+    other = throwaway_ca()
+    async with GraphEmulator(ssl_context=other.server_context) as push:
+        tls_emulator.push_base_url = f"https://127.0.0.1:{push.port}"
+        document = relay_document(
+            tmp_path, tls_emulator, receiver, tls={"ca_file": str(ca.ca_file)}
+        )
+        config = parse_config(
+            yaml.safe_dump(document), filename="c.yaml", env={}, base_dir=tmp_path
+        )
+        supervisor = Supervisor(config)
+        shutdown = asyncio.Event()
+        task = asyncio.create_task(supervisor.run(shutdown))
+        try:
+            await supervisor.started.wait()
+            status = supervisor.watchers["d1"].status
+            await wait_until(lambda: status.last_error is not None, what="a connect error")
+            assert tls_emulator.endpoint_requests["me"] >= 1  # Graph itself was trusted
+            assert status.last_error == (
+                f"TLS certificate of 127.0.0.1:{push.port} is not trusted: "
+                "unable to get local issuer certificate (tls.ca_file adds a CA)"
+            )
+        finally:
+            shutdown.set()
+            await asyncio.wait_for(task, 15)
