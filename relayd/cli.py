@@ -248,7 +248,12 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 
 def _sign_in_client(config: Config) -> HttpClient:
     """MSAL's HTTP client for the CLI: the daemon's trust (tls.ca_file) and proxy (graph.proxy)."""
-    return Network.from_environment(config.tls.ca_file).sign_in_session(config.graph.proxy)
+    try:
+        network = Network.from_environment(config.tls.ca_file)
+    except (OSError, ValueError) as exc:  # SSL_CERT_FILE (tls.ca_file was checked at load)
+        print(f"relayd: cannot load the CA bundle of SSL_CERT_FILE: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return network.sign_in_session(config.graph.proxy)
 
 
 def cmd_login(args: argparse.Namespace) -> int:
