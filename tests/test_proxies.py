@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support.configs import FAST_RETRY
+import yaml
+from support.configs import FAST_RETRY, relay_document
 from support.daemon import Daemon, free_port, write_daemon_config
 from support.proxy import FreezableProxy
 from support.tinyproxy import Tinyproxy
@@ -260,3 +261,45 @@ async def test_msal_sign_in_trusts_the_ca_and_takes_the_same_proxy_choice(
         status_via, {"HTTPS_PROXY": DEAD, "NO_PROXY": "127.0.0.1"}, None
     )
     assert bypass == 401
+
+
+@pytest.mark.timeout(60)
+async def test_relayd_login_reaches_the_sign_in_service_through_the_proxy_trusting_the_ca(
+    tmp_path: Path,
+    ca: Authority,
+    tls_emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    proxy: Tinyproxy,
+) -> None:
+    """`relayd login` (MSAL) talks to the account's authority, here the TLS emulator seen as
+    127.0.0.2, through HTTPS_PROXY; the emulator answers MSAL's discovery with 404, so the
+    command fails, but over a tunnel and a trusted certificate."""
+    authority = FreezableProxy(tls_emulator.port, host="127.0.0.2")
+    await authority.start()
+    try:
+        account = {"client_id": "00000000-0000-0000-0000-0000000000aa"}
+        account["authority_host"] = f"https://127.0.0.2:{authority.port}"
+        document = relay_document(
+            tmp_path,
+            tls_emulator,
+            receiver,
+            tls={"ca_file": str(ca.ca_file)},
+            accounts={"work": account},
+            drives=[{"name": "d2", "account": "work", "resource": "me", "webhook": "hook"}],
+        )
+        config = tmp_path / "relayd.yaml"
+        config.write_text(yaml.safe_dump(document))
+        cli = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "relayd", "login", "work", "--config", str(config)),
+            env=child_env(HTTPS_PROXY=proxy.url),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output = (await asyncio.wait_for(cli.communicate(), 40))[0].decode()
+    finally:
+        await authority.stop()
+    assert cli.returncode == 1, output
+    assert f"cannot use the sign-in service at https://127.0.0.2:{authority.port}" in output
+    assert "certificate" not in output.lower()  # TLS to the authority was trusted
+    assert f"127.0.0.2:{authority.port}" in proxy.tunnels()
