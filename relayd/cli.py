@@ -23,6 +23,7 @@ from relayd import __version__, logs
 from relayd.auth import (
     AccountReport,
     AuthError,
+    HttpClient,
     check_account,
     login,
     logout,
@@ -30,6 +31,7 @@ from relayd.auth import (
 )
 from relayd.config import Config, ConfigError, WebhookConfig, load_config, parse_duration
 from relayd.delivery import USER_AGENT
+from relayd.network import Network
 from relayd.outbox import Filter, Outbox, OutboxError, State
 from relayd.supervisor import (
     DAEMON_FILE,
@@ -461,6 +463,16 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 # -- sign-in ----------------------------------------------------------------------------------
 
 
+def _sign_in_client(config: Config) -> HttpClient:
+    """MSAL's HTTP client for the CLI: the daemon's trust (tls.ca_file) and proxy (graph.proxy)."""
+    try:
+        network = Network.from_environment(config.tls.ca_file)
+    except (OSError, ValueError) as exc:  # SSL_CERT_FILE (tls.ca_file was checked at load)
+        print(f"relayd: cannot load the CA bundle of SSL_CERT_FILE: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return network.sign_in_session(config.graph.proxy)
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
@@ -471,6 +483,7 @@ def cmd_login(args: argparse.Namespace) -> int:
             account,
             config.state_dir,
             show=lambda message: print(message, flush=True),
+            http_client=_sign_in_client(config),
         )
     except AuthError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
@@ -501,8 +514,9 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         return 0
 
     async def check_all() -> list[AccountReport]:
+        client = _sign_in_client(config)
         checks = [
-            check_account(name, account, config.state_dir)
+            check_account(name, account, config.state_dir, http_client=client)
             for name, account in config.accounts.items()
         ]
         return list(await asyncio.gather(*checks))
