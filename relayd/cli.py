@@ -1,4 +1,4 @@
-"""The `relayd` command: run, check-config, outbox, demo."""
+"""The `relayd` command: run, check-config, outbox, discover, demo."""
 
 from __future__ import annotations
 
@@ -301,6 +301,21 @@ def cmd_accounts(args: argparse.Namespace) -> int:
     return 0 if all(report.ok for report in reports) else 1
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    from relayd import discover  # only this command needs it
+
+    config = _load(args.config)
+    try:
+        listing = asyncio.run(discover.discover(config, args.account, search=args.search))
+    except discover.DiscoverError as exc:
+        print(f"relayd: discover: {exc}", file=sys.stderr)
+        return 1
+    # Notes (what was skipped) to stderr, so stdout is YAML to paste as it is.
+    sys.stderr.write(discover.notes_text(listing.notes))
+    sys.stdout.write(discover.render(listing, config, args.account))
+    return 0
+
+
 # -- demo ---------------------------------------------------------------------------------------
 
 
@@ -354,6 +369,15 @@ def build_parser() -> argparse.ArgumentParser:
             "accounts", help="list accounts and whether each gets a token now; exit 0 or 1"
         )
     ).set_defaults(handler=cmd_accounts)
+
+    find = with_config(
+        commands.add_parser(
+            "discover", help="list the drives an account can watch, as a drives: block to paste"
+        )
+    )
+    find.add_argument("--account", required=True, help="an account of the config")
+    find.add_argument("--search", help="also list the libraries of sites matching this text")
+    find.set_defaults(handler=cmd_discover)
 
     outbox = with_config(commands.add_parser("outbox", help="inspect and repair the outbox"))
     outbox.add_argument("action", choices=["status", "list", "replay", "purge"])
