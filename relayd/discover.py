@@ -208,8 +208,8 @@ class Discovery:
                 raise self._failed(url, str(error)) from None
             except InvalidGraphResponse as error:
                 raise self._failed(url, str(error)) from None
-            except AuthError as error:
-                raise DiscoverError(f"account {self._account!r}: {error}") from None
+            except AuthError as error:  # its message names the account already
+                raise DiscoverError(str(error)) from None
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
                 reason = str(error) or type(error).__name__
                 raise self._failed(url, f"cannot reach Graph: {reason}") from None

@@ -146,6 +146,13 @@ async def test_a_refused_token_names_the_account_and_request(
     assert "401 InvalidAuthenticationToken" in err
     assert TOKEN not in err
 
+    (tmp_path / "token").unlink()  # no token at all: the account's own error, said once
+    code, out, err = await discover(config)
+    assert code == 1
+    assert out == ""
+    assert err.startswith("relayd: discover: account 'test': ")
+    assert err.count("account 'test'") == 1
+
     code, _, err = await asyncio.to_thread(
         run_cli, "discover", "--config", str(config), "--account", "nobody"
     )

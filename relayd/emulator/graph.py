@@ -600,7 +600,10 @@ class GraphEmulator:
     def state(self) -> dict[str, dict[str, int]]:
         """Per-drive counters, as the control API's `GET /_emulator/state` returns them."""
         names = (
-            set(self._drives) | set(self.endpoint_requests) | set(self.connects) | set(self.emitted)
+            {drive.resource for drive in self._drives.values()}  # not their drives/{id} aliases
+            | set(self.endpoint_requests)
+            | set(self.connects)
+            | set(self.emitted)
         )
         return {
             name: {
@@ -608,6 +611,7 @@ class GraphEmulator:
                 "endpoint_requests": self.endpoint_requests[name],
                 "connects": self.connects[name],
                 "emitted": self.emitted.get(name, 0),
+                "drive_lookups": self.drive_lookups[name],
             }
             for name in sorted(names)
         }
