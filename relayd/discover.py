@@ -33,6 +33,10 @@ THROTTLE_ATTEMPTS = 4
 THROTTLE_WAIT_CAP = 30.0
 MAX_PAGES = 1000  # a paging link that never ends is Graph's bug, not a reason to hang
 PLACEHOLDER_WEBHOOK = "CHANGE-ME"
+# Answers that leave one part out rather than end the listing: no access to a site or group
+# (403), gone (404), and what a personal Microsoft account answers for SharePoint-only
+# listings such as /me/followedSites (400, 501). 401 is the account's problem: it ends it.
+SKIPPED = frozenset({400, 403, 404, 501})
 NAME_LENGTH = 64
 
 
@@ -65,7 +69,7 @@ class Listing:
 
 
 class _Skip(Exception):
-    """A 403 or 404 on one part of the listing: that part is left out, with a note."""
+    """An answer in SKIPPED for one part of the listing: that part is left out, with a note."""
 
 
 class Discovery:
@@ -200,7 +204,7 @@ class Discovery:
             try:
                 body = await self._graph.get_json(url, self._token)
             except GraphError as error:
-                if error.status in (403, 404):
+                if error.status in SKIPPED:
                     raise _Skip(f"GET {_shown(url)}: {error}") from None
                 if error.throttled and attempt < THROTTLE_ATTEMPTS:
                     await asyncio.sleep(min(retry_delay(attempt, error), THROTTLE_WAIT_CAP))

@@ -1,9 +1,12 @@
 """An in-process fake of Microsoft Graph's socketIo change notifications, for tests and demos.
 
-One aiohttp app on one port plays both halves of the real service:
+One aiohttp app on one port plays the parts of the real service a relay meets:
 
 * Graph's "Get websocket endpoint" API (`GET /v1.0/.../root/subscriptions/socketIo`), which hands
-  out a subscription whose notificationUrl names the push service, and
+  out a subscription whose notificationUrl names the push service,
+* Graph's drive resources (`GET /me/drive`, `/groups/{id}/drive`, ...: each drive has an id, and
+  `drives/{id}` is the same drive) and the listings `relayd discover` reads (followed and
+  searched sites, their libraries, joined teams and groups), in pages, and
 * the push service itself: a Socket.IO server (websocket transport only, as Graph) whose namespace
   is the notificationUrl's path and whose opaque query string is the credential.
 
