@@ -8,16 +8,25 @@ nothing for them; delivery outcomes and latency are observed as they happen.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from relayd import __version__
 from relayd.outbox import AttemptResult, State
 from relayd.watcher import DriveState
 
@@ -44,7 +53,19 @@ class Metrics:
     """Every series relayd exports, in a registry of its own (one per supervisor)."""
 
     def __init__(self, supervisor: Supervisor) -> None:
+        # A `_created` series per counter and histogram doubles what is scraped and stored for
+        # a timestamp nobody graphs (Prometheus reads counter resets without it).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
+        # The standard process_* series (CPU, memory, open files, start time); Linux only.
+        ProcessCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "relayd_build_info",
+            "Always 1; the labels say which relayd and Python run.",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.deliveries = Counter(
             "relayd_deliveries",
             "Delivery attempts by webhook and outcome (delivered, retry, dead).",
@@ -122,6 +143,27 @@ class _RelayCollector(Collector):
             "Notifications received and held in memory, not yet in the outbox, per drive.",
             labels=["drive"],
         )
+        waiting = GaugeMetricFamily(
+            "relayd_drive_backlog",
+            "Deliveries waiting in the outbox that came from the drive (all its webhooks).",
+            labels=["drive"],
+        )
+        rounds = CounterMetricFamily(
+            "relayd_delta_rounds",
+            "Delta rounds completed (changes mode), per drive.",
+            labels=["drive"],
+        )
+        items = CounterMetricFamily(
+            "relayd_delta_items",
+            "Changed items posted by delta rounds, per drive.",
+            labels=["drive"],
+        )
+        lag = GaugeMetricFamily(
+            "relayd_delta_lag_seconds",
+            "Age of the oldest notification no delta round has covered yet (0: none), per drive.",
+            labels=["drive"],
+        )
+        now_monotonic = time.monotonic()
         for name, watcher in supervisor.watchers.items():
             status = watcher.status
             for field, family in counters.items():
@@ -130,7 +172,12 @@ class _RelayCollector(Collector):
             for candidate in DriveState:
                 state.add_metric([name, candidate.value], 1 if status.state is candidate else 0)
             unstored.add_metric([name], len(watcher.inbox))
-        yield from (*counters.values(), connected, state, unstored)
+            waiting.add_metric([name], supervisor.backlog.per_drive.get(name, 0))
+            if watcher.feed is not None:
+                rounds.add_metric([name], watcher.feed.rounds)
+                items.add_metric([name], watcher.feed.items)
+                lag.add_metric([name], watcher.feed.lag(now_monotonic))
+        yield from (*counters.values(), connected, state, unstored, waiting, rounds, items, lag)
         yield from _store_metrics(supervisor)
 
         refreshes = CounterMetricFamily(
@@ -152,13 +199,27 @@ class _RelayCollector(Collector):
             "Age of the oldest notification waiting for delivery, per webhook.",
             labels=["webhook"],
         )
+        dead = GaugeMetricFamily(
+            "relayd_outbox_dead_letters",
+            "Dead letters kept in the outbox (until purged or pruned), per webhook.",
+            labels=["webhook"],
+        )
+        failing = GaugeMetricFamily(
+            "relayd_webhook_failing",
+            "1 while the webhook is failing (from its first failed attempt to its recovery).",
+            labels=["webhook"],
+        )
         snapshot = supervisor.backlog
         now = time.time()
         for webhook in sorted(set(supervisor.dispatchers) | set(snapshot.counts)):
             count, created = snapshot.counts.get(webhook, 0), snapshot.oldest.get(webhook)
             backlog.add_metric([webhook], count)
             oldest.add_metric([webhook], 0.0 if created is None else max(0.0, now - created))
-        yield from (backlog, oldest)
+        for webhook in sorted(set(supervisor.dispatchers) | set(snapshot.dead)):
+            dead.add_metric([webhook], snapshot.dead.get(webhook, 0))
+        for webhook, dispatcher in sorted(supervisor.dispatchers.items()):
+            failing.add_metric([webhook], 1 if dispatcher.outage.failing else 0)
+        yield from (backlog, oldest, dead, failing)
 
 
 def _store_metrics(supervisor: Supervisor) -> Iterator[Metric]:

@@ -13,6 +13,7 @@ import urllib.request
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from relayd import __version__, logs
 from relayd.auth import (
@@ -28,17 +29,18 @@ from relayd.outbox import Filter, Outbox, OutboxError, State
 from relayd.supervisor import EXIT_LOST, OUTBOX_FILE, StartupError, Supervisor, daemon_pid
 
 DEFAULT_CONFIG = "/etc/relayd/config.yaml"
+CONFIG_HELP = f"config file (default: $RELAYD_CONFIG, else {DEFAULT_CONFIG})"
 
 
 def config_path(given: str | None) -> Path:
     return Path(given or os.environ.get("RELAYD_CONFIG") or DEFAULT_CONFIG)
 
 
-def _load(given: str | None) -> Config:
+def _load(given: str | None, *, check_files: bool = False) -> Config:
     path = config_path(given)
     if not path.exists():
         raise ConfigFileMissing(f"{path}: no such config file (use --config or RELAYD_CONFIG)")
-    return load_config(path)
+    return load_config(path, check_files=check_files)
 
 
 class ConfigFileMissing(Exception):
@@ -127,12 +129,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = _load(args.config, check_files=True)
     print(
         f"{config_path(args.config)}: ok ({len(config.drives)} drives, "
         f"{len(config.webhooks)} webhooks, {len(config.accounts)} accounts)"
     )
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from relayd.doctor import Check, format_check, run_checks
+
+    path = config_path(args.config)
+    config = _load(args.config, check_files=True)  # an invalid file stops here, as check-config
+    counts = (
+        f"{len(config.drives)} drives, {len(config.webhooks)} webhooks,"
+        f" {len(config.accounts)} accounts"
+    )
+    checks = [
+        Check("config", True, f"{path} is valid ({counts})"),
+        *asyncio.run(run_checks(config)),
+    ]
+    width = max(len(check.subject) for check in checks)
+    for check in checks:
+        print(format_check(check, width))
+    return 0 if all(check.ok for check in checks) else 1
 
 
 # -- outbox -------------------------------------------------------------------------------------
@@ -326,60 +347,116 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(count=args.count, interval=args.interval))
 
 
+def cmd_emulator(options: Sequence[str]) -> int:
+    from relayd.emulator.graph import main as emulator_main
+
+    return emulator_main(options, prog="relayd emulator")
+
+
 # -- entry point --------------------------------------------------------------------------------
+
+
+CONFIG_ERROR = "1  the config file is missing or invalid (every problem is listed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relayd",
         description="Relay Microsoft Graph drive change notifications (socketIo) to webhooks.",
+        epilog="`relayd COMMAND --help` describes a command, its options and its exit codes.",
     )
     parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    # Also accepted before the command (`relayd -c FILE status`); the command's own wins.
+    parser.add_argument("--config", "-c", dest="config_before", metavar="CONFIG", help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sub.add_argument(
-            "--config",
-            "-c",
-            help=f"config file (default: $RELAYD_CONFIG, else {DEFAULT_CONFIG})",
+    def command(
+        name: str, summary: str, exits: Sequence[str], *, config: bool = True, **options: Any
+    ) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name,
+            help=summary,
+            description=summary[0].upper() + summary[1:] + ".",
+            epilog="exit codes:\n" + "\n".join(f"  {line}" for line in exits),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            **options,
         )
+        if config:
+            sub.add_argument("--config", "-c", help=CONFIG_HELP)
         return sub
 
-    with_config(commands.add_parser("run", help="run the relay")).set_defaults(handler=cmd_run)
-    with_config(
-        commands.add_parser("check-config", help="validate the config file; exit 0 or 1")
+    command(
+        "run",
+        "run the relay until SIGTERM or SIGINT; SIGHUP re-reads the config",
+        [
+            "0  stopped cleanly: everything received is stored or delivered",
+            CONFIG_ERROR + ", or it cannot start (state_dir locked, admin address in use)",
+            "3  stopped while holding notifications it could not store (logged with counts)",
+        ],
+    ).set_defaults(handler=cmd_run)
+    command(
+        "check-config",
+        "validate the config file and the files it names",
+        ["0  the file is valid", CONFIG_ERROR],
     ).set_defaults(handler=cmd_check_config)
-    with_config(
-        commands.add_parser("reload", help="make the running daemon re-read its config (SIGHUP)")
+    command(
+        "doctor",
+        "check the config, then that each account gets a token Graph accepts, each webhook"
+        " answers, state_dir is private and writable and the admin address is free",
+        ["0  every check passed", "1  a check failed (each is one line), or " + CONFIG_ERROR[3:]],
+    ).set_defaults(handler=cmd_doctor)
+    command(
+        "reload",
+        "make the running daemon re-read its config (SIGHUP)",
+        ["0  the daemon was asked", "1  no daemon runs on this state_dir, or " + CONFIG_ERROR[3:]],
     ).set_defaults(handler=cmd_reload)
-    with_config(
-        commands.add_parser("status", help="ask the running daemon how its drives are doing")
+    command(
+        "status",
+        "ask the running daemon how its drives and webhooks are doing",
+        [
+            "0  ready: every drive connected or settled, the outbox healthy",
+            "1  the daemon cannot be asked (not running, admin.listen off), or " + CONFIG_ERROR[3:],
+            "2  running but degraded (not ready)",
+        ],
     ).set_defaults(handler=cmd_status)
-
-    sign_in = with_config(
-        commands.add_parser("login", help="sign an account in with a device code (client_id)")
+    sign_in = command(
+        "login",
+        "sign a client_id account in with a device code",
+        ["0  signed in", "1  the sign-in failed or the account is not a client_id one"],
     )
     sign_in.add_argument("account", help="a client_id account of the config")
     sign_in.set_defaults(handler=cmd_login)
-    sign_out = with_config(commands.add_parser("logout", help="forget an account's sign-in"))
+    sign_out = command(
+        "logout",
+        "forget a client_id account's sign-in",
+        ["0  signed out (or was not signed in)", "1  not a client_id account of the config"],
+    )
     sign_out.add_argument("account", help="a client_id account of the config")
     sign_out.set_defaults(handler=cmd_logout)
-    with_config(
-        commands.add_parser(
-            "accounts", help="list accounts and whether each gets a token now; exit 0 or 1"
-        )
+    command(
+        "accounts",
+        "list the accounts and whether each gets a token now",
+        ["0  every account gets a token", "1  an account does not, or " + CONFIG_ERROR[3:]],
     ).set_defaults(handler=cmd_accounts)
 
-    find = with_config(
-        commands.add_parser(
-            "discover", help="list the drives an account can watch, as a drives: block to paste"
-        )
+    find = command(
+        "discover",
+        "list the drives an account can watch, and print them as a drives: block to paste",
+        [
+            "0  listed (parts the account may not read are skipped with a note on stderr)",
+            "1  the account gets no token, Graph refused or failed a request, or "
+            + CONFIG_ERROR[3:],
+        ],
     )
     find.add_argument("--account", required=True, help="an account of the config")
     find.add_argument("--search", help="also list the libraries of sites matching this text")
     find.set_defaults(handler=cmd_discover)
 
-    outbox = with_config(commands.add_parser("outbox", help="inspect and repair the outbox"))
+    outbox = command(
+        "outbox",
+        "inspect and repair the outbox (works while the daemon runs)",
+        ["0  done", "1  no outbox yet, a filter the action cannot take, or " + CONFIG_ERROR[3:]],
+    )
     outbox.add_argument("action", choices=["status", "list", "replay", "purge"])
     outbox.add_argument("--webhook", help="only this webhook")
     outbox.add_argument("--drive", help="only this drive")
@@ -397,17 +474,37 @@ def build_parser() -> argparse.ArgumentParser:
     outbox.add_argument("--json", action="store_true", help="list as JSON lines")
     outbox.set_defaults(handler=cmd_outbox)
 
-    demo = commands.add_parser(
-        "demo", help="run the relay against a local Graph emulator and webhook receiver"
+    demo = command(
+        "demo",
+        "run the relay against a local Graph emulator and webhook receiver",
+        ["0  done (Ctrl-C, or --count reached)"],
+        config=False,
     )
     demo.add_argument("--count", type=int, default=0, help="stop after this many (default: never)")
     demo.add_argument("--interval", type=float, default=1.0, help="seconds between notifications")
     demo.set_defaults(handler=cmd_demo)
+
+    emulator = command(
+        "emulator",
+        "run the Graph socketIo emulator on its own, to build a config against it"
+        " (`relayd emulator --help` lists its options; docs/emulator.md its control API)",
+        ["0  stopped by SIGINT or SIGTERM", "2  an option is wrong"],
+        config=False,
+        add_help=False,
+    )
+    # Listed here for `relayd --help`; main() hands `relayd emulator ...` to the emulator's own
+    # parser before this one sees it (argparse cannot pass on options such as --help).
+    emulator.set_defaults(handler=lambda _: cmd_emulator([]))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["emulator"]:
+        return cmd_emulator(given[1:])
+    args = build_parser().parse_args(given)
+    if getattr(args, "config", None) is None:
+        args.config = args.config_before
     try:
         code: int = args.handler(args)
     except ConfigError as exc:

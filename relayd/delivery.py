@@ -23,6 +23,7 @@ import structlog
 from relayd import __version__
 from relayd.config import RetryConfig, WebhookConfig
 from relayd.graph import parse_retry_after
+from relayd.outage import Outage, Report, log_report
 from relayd.outbox import AttemptResult, Delivery, Outbox, OutboxError, State
 from relayd.signing import decode_secret, signature_headers
 
@@ -183,6 +184,8 @@ class Dispatcher:
         # recorded after its slot is free, so the store's commit is not part of the cycle.
         self._posting: set[int] = set()
         self._log = log.bind(webhook=name)
+        # Attempts are logged one by one at debug level only; the outage is what is logged.
+        self.outage = Outage()
 
     def wake(self) -> None:
         """New rows for this webhook are waiting in the store."""
@@ -397,12 +400,24 @@ class Dispatcher:
             "status": result.status,
             "latency_ms": round((result.latency or 0) * 1000, 1),
         }
+        now = time.monotonic()
         if result.state is State.DELIVERED:
             self._log.debug("delivered", **fields)
-        elif result.state is State.PENDING:
+            self._tell(self.outage.succeeded(now))
+            return
+        if result.state is State.PENDING:
             retry_in = round((result.next_attempt or 0) - result.attempted_at, 1)
-            self._log.warning(
+            self._log.debug(
                 "delivery failed, will retry", error=result.error, retry_in=retry_in, **fields
             )
         else:
             self._log.error("delivery failed, dead-lettered", error=result.error, **fields)
+        self._tell(self.outage.failed(now, result.error or "failed"))
+
+    def check_health(self, waiting: int) -> None:
+        """Called now and then: logs the recovery (or a summary) when one is due, also when no
+        attempt is being made."""
+        self._tell(self.outage.tick(time.monotonic(), waiting=waiting))
+
+    def _tell(self, report: Report | None) -> None:
+        log_report(self._log, f"webhook {self.name}", report)

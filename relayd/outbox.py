@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -211,6 +211,17 @@ class Filter:
 
 
 REPLAYABLE = (State.DEAD, State.PENDING)  # what `replay` reaches: dead rows unless asked
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in the outbox: rows per webhook (and the oldest one's creation time), rows
+    per drive that produced them, and dead letters per webhook."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    oldest: dict[str, float] = field(default_factory=dict)
+    per_drive: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -1098,22 +1109,31 @@ class Outbox:
 
         return int(await self._submit(delete, heavy=True))
 
-    async def backlog(self) -> tuple[dict[str, int], dict[str, float]]:
-        """Rows waiting (pending or in flight) per webhook, and the oldest one's creation time.
+    async def backlog(self) -> Backlog:
+        """Rows waiting (pending or in flight) per webhook and drive, the oldest one's creation
+        time, and the dead letters per webhook.
 
-        Cheap at any size of history: it reads only waiting rows, through the state index.
+        Cheap at any size of history: it reads only waiting and dead rows, through the indexes.
         """
 
-        def query(connection: sqlite3.Connection) -> tuple[dict[str, int], dict[str, float]]:
+        def query(connection: sqlite3.Connection) -> Backlog:
             counts: dict[str, int] = {}
             oldest: dict[str, float] = {}
-            for webhook, count, created in connection.execute(
-                "SELECT webhook, COUNT(*), MIN(created) FROM deliveries"
-                " WHERE state IN ('pending', 'inflight') GROUP BY webhook"
+            per_drive: dict[str, int] = {}
+            for webhook, drive, count, created in connection.execute(
+                "SELECT webhook, drive, COUNT(*), MIN(created) FROM deliveries"
+                " WHERE state IN ('pending', 'inflight') GROUP BY webhook, drive"
             ):
-                counts[webhook] = count
-                oldest[webhook] = created
-            return counts, oldest
+                counts[webhook] = counts.get(webhook, 0) + count
+                oldest[webhook] = min(oldest.get(webhook, created), created)
+                per_drive[drive] = per_drive.get(drive, 0) + count
+            dead = dict(
+                connection.execute(
+                    "SELECT webhook, COUNT(*) FROM deliveries"
+                    " WHERE state = 'dead' AND finished IS NOT NULL GROUP BY webhook"
+                ).fetchall()
+            )
+            return Backlog(counts=counts, oldest=oldest, per_drive=per_drive, dead=dead)
 
         return await self._submit(query, heavy=True)
 

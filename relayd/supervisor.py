@@ -16,14 +16,13 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
 
-from relayd import logs
+from relayd import __version__, logs
 from relayd.admin import AdminServer, Metrics
 from relayd.auth import (
     CommandTokenProvider,
@@ -41,7 +40,7 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Outbox, Reservation
+from relayd.outbox import Backlog, Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
@@ -109,14 +108,6 @@ def daemon_pid(state_dir: Path) -> int | None:
         return None
     finally:
         os.close(fd)
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """Notifications waiting per webhook, and the creation time of the oldest one."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-    oldest: dict[str, float] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -199,7 +190,19 @@ class Supervisor:
                 group.create_task(self._tick_loop(), name="relayd-tick"),
             ]
             # The backlog was read by the first _apply, for its warning about orphaned rows.
-            log.info("started", drives=len(self.watchers), webhooks=len(self.dispatchers))
+            config = self.config
+            log.info(
+                "started",
+                version=__version__,
+                config=str(self.config_path) if self.config_path else None,
+                state_dir=str(config.state_dir),
+                store=f"sqlite {config.state_dir / OUTBOX_FILE}",
+                admin=f"http://{config.admin.listen}" if config.admin.enabled else "off",
+                drives=len(self.watchers),
+                webhooks=len(self.dispatchers),
+                accounts=len(config.accounts),
+                waiting=sum(self.backlog.counts.values()),
+            )
             self.started.set()
             self._notifier.ready(self.status_line())
 
@@ -221,10 +224,18 @@ class Supervisor:
             for task in housekeeping:
                 task.cancel()
         self._group = None
+        # What the next start delivers: stored, so not lost, but an operator wants the count.
+        await self.refresh_backlog()
+        waiting = {name: count for name, count in self.backlog.counts.items() if count}
         if self.lost:
-            log.error("stopped; notifications received from Graph were lost", lost=self.lost)
+            log.error(
+                "stopped; notifications received from Graph were lost",
+                lost=self.lost,
+                waiting=sum(waiting.values()),
+                waiting_per_webhook=waiting,
+            )
         else:
-            log.info("stopped")
+            log.info("stopped", waiting=sum(waiting.values()), waiting_per_webhook=waiting)
 
     # -- reload ----------------------------------------------------------------------------------
 
@@ -462,6 +473,10 @@ class Supervisor:
                 try:
                     await self.refresh_backlog()
                     self._notifier.status(self.status_line())
+                    for name, dispatcher in self.dispatchers.items():
+                        dispatcher.check_health(waiting=self.backlog.counts.get(name, 0))
+                    for watcher in self.watchers.values():
+                        watcher.check_health()
                 except Exception:
                     # The watchdog pings above must go on whatever the status line meets.
                     log.exception("cannot refresh the status line")
@@ -471,11 +486,9 @@ class Supervisor:
         if self.outbox is None:
             return
         try:
-            counts, oldest = await self.outbox.backlog()
+            self.backlog = await self.outbox.backlog()
         except Exception as exc:  # the last figures stay; the next refresh may well work
             log.error("cannot read the outbox backlog", error=str(exc))
-            return
-        self.backlog = Backlog(counts=counts, oldest=oldest)
 
     def status_line(self) -> str:
         """systemd's STATUS=: one line a person reads in `systemctl status`."""

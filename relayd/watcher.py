@@ -48,6 +48,7 @@ from relayd.graph import (
     retry_delay,
     travels_unencrypted,
 )
+from relayd.outage import Outage, Report, log_report
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
@@ -386,6 +387,8 @@ class DriveWatcher:
         self._sockets = 0  # open connections: two only during a switch-over
         self._dedupe_until = 0.0
         self.log = structlog.get_logger("relayd.watcher").bind(drive=drive.name)
+        # Each failed connect is logged at debug level; the outage is what is logged above it.
+        self.outage = Outage()
 
     def stop(self) -> None:
         """Stop taking notifications; `run()` returns once what arrived is in the outbox, or
@@ -463,6 +466,7 @@ class DriveWatcher:
 
     def _connected(self, how: str) -> None:
         """A socket is up after `how` ("start", "reconnect" or "renewal")."""
+        self.check_health(self.outage.succeeded(time.monotonic()))
         if self.feed is not None:
             self.feed.catch_up(how)  # changes made while nobody listened
         elif how == "reconnect":
@@ -560,21 +564,25 @@ class DriveWatcher:
         delay = state.next_action.sleep if state.next_action else 0.0
         if isinstance(error, GraphError) and error.not_supported:
             self.status.enter(DriveState.NOT_SUPPORTED, str(error))
-            self.log.error(
-                "this drive cannot be watched over socketIo (Graph answered 400 notSupported);"
-                " asking again later",
-                retry_in=round(delay),
-            )
-            return
-        if isinstance(error, AuthError) and error.needs_login:
+            problem = "this drive cannot be watched over socketIo (Graph answered 400 notSupported)"
+        elif isinstance(error, AuthError) and error.needs_login:
             self.status.enter(DriveState.NEEDS_LOGIN, str(error))
+            problem = describe(error)
         else:
             self.status.enter(DriveState.RECONNECTING, describe(error))
-        self.log.warning(
+            problem = describe(error)
+        self.log.debug(
             "cannot connect, will retry",
-            error=describe(error),
+            error=problem,
             retry_in=round(delay, 1),
             attempt=state.attempt_number,
+        )
+        self.check_health(self.outage.failed(time.monotonic(), problem))
+
+    def check_health(self, report: Report | None = None) -> None:
+        """Log `report`, or (called now and then) the recovery or a summary once one is due."""
+        log_report(
+            self.log, f"drive {self.drive.name}", report or self.outage.tick(time.monotonic())
         )
 
     async def _open(self) -> _Connection:

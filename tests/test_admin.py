@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import platform
+import re
 import socket
+import subprocess
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 from conftest import StartRelay, relay_config
+from prometheus_client.parser import text_string_to_metric_families
 from support.waiting import wait_until
 
+import relayd
 from relayd import cli
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ScriptedResponse
@@ -86,6 +92,118 @@ async def test_metrics_name_every_series(
         assert line in text, line
 
 
+REPO = Path(__file__).resolve().parent.parent
+METRICS_DOC = REPO / "docs" / "metrics.md"
+
+
+def documented_series() -> set[str]:
+    """The series named in the first column of docs/metrics.md's tables."""
+    return set(re.findall(r"^\| `([a-z_]+)` \|", METRICS_DOC.read_text(), re.MULTILINE))
+
+
+def exposed_series(text: str) -> set[str]:
+    """Every family in a scrape, by the name a query uses (counters with `_total`)."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(f"{family.name}_total" if family.type == "counter" else family.name)
+    return names
+
+
+async def scrape_of_every_kind(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> str:
+    """A relay with a notifications drive, a changes-mode drive and a webhook that failed."""
+    receiver.script("hook", [ScriptedResponse(status=500)])
+    drives = [
+        {"name": "d1", "account": "test", "resource": "me", "webhook": "hook"},
+        {
+            "name": "d2",
+            "account": "test",
+            "resource": "drives/two",
+            "webhook": "hook",
+            "mode": "changes",
+            "changes": {"quiet_period": 0, "follow_up": 0},
+        },
+    ]
+    relay = await start_relay(admin=ADMIN, drives=drives)
+    assert relay.supervisor.admin is not None
+    await relay.connected("d1")
+    await relay.connected("d2")
+    await emulator.change("drives/two")
+    await emulator.emit("me")
+    await receiver.wait_for(2)
+    watcher = relay.watcher("d2")
+    assert watcher.feed is not None
+    await wait_until(lambda: watcher.feed is not None and watcher.feed.rounds >= 2, what="rounds")
+    status, text = await get(relay.supervisor.admin.port, "/metrics")
+    assert status == 200
+    return text
+
+
+async def test_every_exported_series_is_documented_and_every_documented_one_exported(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    text = await scrape_of_every_kind(emulator, receiver, start_relay)
+    exposed, documented = exposed_series(text), documented_series()
+    assert exposed - documented == set(), "exported but not in docs/metrics.md"
+    assert documented - exposed == set(), "in docs/metrics.md but not exported"
+    assert "_created" not in text
+    for line in [
+        f'relayd_build_info{{python="{platform.python_version()}",'
+        f'version="{relayd.__version__}"}} 1.0',
+        'relayd_delta_rounds_total{drive="d2"}',
+        'relayd_delta_items_total{drive="d2"} 1.0',
+        'relayd_delta_lag_seconds{drive="d2"} 0.0',
+        'relayd_drive_backlog{drive="d1"} 0.0',
+        'relayd_outbox_dead_letters{webhook="hook"} 0.0',
+        'relayd_webhook_failing{webhook="hook"} 1.0',  # one 500, and not five seconds of quiet
+    ]:
+        assert line in text, line
+
+
+@pytest.mark.timeout(60)
+async def test_promtool_accepts_a_live_scrape(
+    emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    text = await scrape_of_every_kind(emulator, receiver, start_relay)
+    promtool = await asyncio.create_subprocess_exec(
+        "promtool",
+        "check",
+        "metrics",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    said, _ = await asyncio.wait_for(promtool.communicate(text.encode()), 30)
+    assert promtool.returncode == 0, said.decode()
+
+
+@pytest.mark.timeout(60)
+def test_promtool_checks_the_shipped_alerting_rules_and_their_unit_tests() -> None:
+    rules = REPO / "deploy" / "prometheus"
+    for command in (
+        ["promtool", "check", "rules", "relayd-alerts.yml"],
+        ["promtool", "test", "rules", "relayd-alerts.test.yml"],
+    ):
+        checked = subprocess.run(command, cwd=rules, capture_output=True, text=True, timeout=30)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_dashboard_and_the_alerts_use_only_exported_series() -> None:
+    documented = documented_series()
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "relayd-dashboard.json").read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    rules = yaml.safe_load((REPO / "deploy" / "prometheus" / "relayd-alerts.yml").read_text())
+    queries += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    used = {
+        name for query in queries for name in re.findall(r"\b(?:relayd|process)_[a-z_]+", query)
+    }
+    # A histogram is queried through its _bucket series.
+    used = {name.removesuffix("_bucket") for name in used}
+    assert used - documented == set()
+    assert len(dashboard["panels"]) >= 10
+
+
 async def test_a_refused_reload_shows_in_metrics_and_status(
     tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
@@ -100,7 +218,7 @@ async def test_a_refused_reload_shows_in_metrics_and_status(
     await wait_until(lambda: emulator.connected("me") == 1, what="connected")
     assert not await relay.supervisor.reload()
     assert relay.supervisor.last_reload_error is not None
-    assert relay.supervisor.last_reload_error.endswith(": bogus: unknown key")
+    assert ": bogus: unknown key; expected one of: accounts," in relay.supervisor.last_reload_error
     _, text = await get(port, "/metrics")
     assert 'relayd_config_reloads_total{result="failure"} 1.0' in text
     assert "relayd_config_last_reload_successful 0.0" in text

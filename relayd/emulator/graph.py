@@ -1047,9 +1047,9 @@ def _query_number(request: web.Request, name: str, kind: type[_N], default: _N |
 # ---- standalone -------------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m relayd.emulator.graph",
+        prog=prog,
         description="Run the Graph socketIo emulator until SIGINT or SIGTERM.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -1112,8 +1112,10 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(_serve(_parse_args(argv)))
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "python -m relayd.emulator.graph"
+) -> int:
+    asyncio.run(_serve(_parse_args(argv, prog)))
     return 0
 
 
