@@ -982,6 +982,32 @@ class GraphEmulator:
         app.router.add_post("/_emulator/lifetime", self._control_lifetime)
         app.router.add_get("/_emulator/state", self._control_state)
         app.router.add_post("/_emulator/change", self._control_change)
+        app.router.add_post("/_emulator/site", self._control_site)
+        app.router.add_post("/_emulator/group", self._control_group)
+
+    async def _control_site(self, request: web.Request) -> web.Response:
+        name = request.query.get("name")
+        if not name:
+            raise web.HTTPBadRequest(text="missing ?name=")
+        libraries = [p.strip() for p in request.query.get("libraries", "Documents").split(",")]
+        site = self.add_site(
+            name,
+            [library for library in libraries if library],
+            followed=request.query.get("followed", "1") != "0",
+            forbidden=request.query.get("forbidden", "0") != "0",
+        )
+        return web.json_response({"id": site.id, "drives": list(site.drives)})
+
+    async def _control_group(self, request: web.Request) -> web.Response:
+        name = request.query.get("name")
+        if not name:
+            raise web.HTTPBadRequest(text="missing ?name=")
+        resource = self.add_group(
+            name,
+            team=request.query.get("team", "0") != "0",
+            unified=request.query.get("unified", "1") != "0",
+        )
+        return web.json_response({"resource": resource, "drive_id": self.drive_id(resource)})
 
     async def _control_change(self, request: web.Request) -> web.Response:
         changed = await self.change(

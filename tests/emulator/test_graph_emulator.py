@@ -560,3 +560,27 @@ async def test_a_drive_answers_to_its_id_and_me_can_be_refused_like_some_busines
         assert await emulator.emit("me") == 1
         await wait_until(lambda: len(listener.events) == 1)
     assert emulator.endpoint_requests["me"] == 2  # counted under the name it was first used by
+
+
+async def test_sites_and_groups_made_over_the_control_api_are_listed_in_pages(
+    http: aiohttp.ClientSession, emulator: GraphEmulator
+) -> None:
+    control = f"http://127.0.0.1:{emulator.port}/_emulator"
+    params = {"name": "Engineering", "libraries": "Documents,Specs,Archive"}
+    async with http.post(f"{control}/site", params=params) as r:
+        site = await r.json()
+    async with http.post(f"{control}/group", params={"name": "Rocket", "team": "1"}) as r:
+        group = await r.json()
+    assert group["drive_id"] == emulator.drive_id(group["resource"])
+
+    drives: list[str] = []
+    url: str | None = f"{emulator.base_url}/sites/{site['id']}/drives"
+    while url is not None:
+        async with http.get(url, headers=AUTH) as r:
+            page = await r.json()
+        assert len(page["value"]) <= 2
+        drives += [f"drives/{drive['id']}" for drive in page["value"]]
+        url = page.get("@odata.nextLink")
+    assert drives == site["drives"]
+    async with http.get(f"{emulator.base_url}/me/joinedTeams", headers=AUTH) as r:
+        assert [team["displayName"] for team in (await r.json())["value"]] == ["Rocket"]
