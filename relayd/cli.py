@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from relayd import __version__, logs
 from relayd.auth import (
@@ -24,7 +25,8 @@ from relayd.auth import (
     logout,
     sign_in_account,
 )
-from relayd.config import Config, ConfigError, load_config, parse_duration
+from relayd.config import Config, ConfigError, WebhookConfig, load_config, parse_duration
+from relayd.delivery import USER_AGENT
 from relayd.outbox import Filter, Outbox, OutboxError, State
 from relayd.supervisor import EXIT_LOST, OUTBOX_FILE, StartupError, Supervisor, daemon_pid
 
@@ -183,6 +185,7 @@ def _selection(args: argparse.Namespace) -> Filter:
         state=State(args.state) if args.state else None,
         since=args.since,
         until=args.until,
+        ids=tuple(args.ids) if args.action != "show" else (),
     )
 
 
@@ -198,6 +201,10 @@ async def _outbox_command(args: argparse.Namespace, config: Config) -> int:
         raise OutboxError(f"{path}: no outbox yet (has relayd run with this state_dir?)")
     selection = _selection(args)
     async with Outbox(path, recover=False) as outbox:
+        problem = await _unknown_names(outbox, config, selection)
+        if problem is not None:
+            print(f"relayd: outbox {args.action}: {problem}", file=sys.stderr)
+            return 1
         if args.action == "status":
             summary = await outbox.summary(selection)
             webhooks = sorted({webhook for webhook, _ in summary.counts})
@@ -208,50 +215,178 @@ async def _outbox_command(args: argparse.Namespace, config: Config) -> int:
                 oldest = _when(summary.oldest_pending.get(webhook))
                 print(f"{webhook:<20}" + "".join(f" {n:>9}" for n in counts) + f"  {oldest}")
         elif args.action == "list":
-            rows = await outbox.rows(selection, limit=args.limit)
-            if args.json:
-                for row in rows:
-                    print(json.dumps(row))
-            else:
-                print(
-                    f"{'id':>7} {'message_id':<36} {'webhook':<14} {'drive':<14} {'state':<9}"
-                    f" {'tries':>5} {'status':>6} {'ms':>7}  created / last error"
-                )
-                for row in rows:
-                    latency = (
-                        "-" if row["last_latency"] is None else f"{row['last_latency'] * 1000:.0f}"
-                    )
-                    print(
-                        f"{row['id']:>7} {row['message_id']:<36}"
-                        f" {row['webhook']:<14} {row['drive']:<14}"
-                        f" {row['state']:<9} {row['attempts']:>5} {row['last_status'] or '-':>6}"
-                        f" {latency:>7}  {_when(row['created'])} {row['last_error'] or ''}"
-                    )
-        elif args.action in ("replay", "purge"):
-            return await _repair(outbox, args.action, selection)
+            _print_rows(await outbox.rows(selection, limit=args.limit + 1), args)
+        elif args.action == "show":
+            return await _show(outbox, config, args)
+        else:
+            return await _repair(outbox, args, selection)
     return 0
 
 
-async def _repair(outbox: Outbox, action: str, selection: Filter) -> int:
-    """`outbox replay` (dead rows, or waiting ones with --state pending) and `outbox purge`
-    (finished rows, or waiting ones with --state pending)."""
+async def _unknown_names(outbox: Outbox, config: Config, selection: Filter) -> str | None:
+    """A --webhook or --drive that names nothing, neither in the config nor in the outbox:
+    a typo, which would otherwise look like an empty outbox."""
+    asked = [
+        (kind, name, set(known))
+        for kind, name, known in (
+            ("webhook", selection.webhook, config.webhooks),
+            ("drive", selection.drive, (drive.name for drive in config.drives)),
+        )
+        if name is not None
+    ]
+    if all(name in known for _, name, known in asked):
+        return None
+    webhooks, drives = await outbox.names()
+    for kind, name, known in asked:
+        known |= webhooks if kind == "webhook" else drives
+        if name not in known:
+            listed = ", ".join(sorted(known)) or "none"
+            return f"no {kind} {name!r} in the config or the outbox (known: {listed})"
+    return None
+
+
+def _print_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    more = len(rows) > args.limit
+    rows = rows[: args.limit]
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+    else:
+        print(
+            f"{'id':>7} {'message_id':<36} {'webhook':<14} {'drive':<14} {'state':<9}"
+            f" {'tries':>5} {'status':>6} {'ms':>7}  {'created':<20} {'next attempt':<20}"
+            " last error"
+        )
+        for row in rows:
+            latency = "-" if row["last_latency"] is None else f"{row['last_latency'] * 1000:.0f}"
+            due = _when(row["next_attempt"]) if row["state"] == State.PENDING.value else "-"
+            print(
+                f"{row['id']:>7} {row['message_id']:<36}"
+                f" {row['webhook']:<14} {row['drive']:<14}"
+                f" {row['state']:<9} {row['attempts']:>5} {row['last_status'] or '-':>6}"
+                f" {latency:>7}  {_when(row['created']):<20} {due:<20} {row['last_error'] or ''}"
+            )
+    if more:
+        # On stderr: a script reading the rows (--json) gets rows only.
+        print(
+            f"(stopped at --limit {args.limit}; more rows match: raise --limit or narrow the"
+            " selection)",
+            file=sys.stderr,
+        )
+
+
+async def _show(outbox: Outbox, config: Config, args: argparse.Namespace) -> int:
+    if len(args.ids) != 1:
+        print("relayd: outbox show takes one row id (see `relayd outbox list`)", file=sys.stderr)
+        return 1
+    row = await outbox.row(args.ids[0])
+    if row is None:
+        print(f"relayd: outbox show: no row {args.ids[0]}", file=sys.stderr)
+        return 1
+    webhook = config.webhooks.get(row["webhook"])
+    headers = sent_headers(row, webhook)
+    body = bytes(row["body"]).decode("utf-8", "replace")
+    if args.json:
+        shown = {key: value for key, value in row.items() if key not in ("body", "attempt_log")}
+        print(
+            json.dumps({**shown, "headers": headers, "body": body, "attempts": row["attempt_log"]})
+        )
+        return 0
+    print(f"row {row['id']}  {row['message_id']}  {row['state']}")
+    print(f"  webhook  {row['webhook']}" + ("" if webhook else " (not in the config any more)"))
+    print(f"  drive    {row['drive']}")
+    print(f"  created  {_when(row['created'])}")
+    if row["state"] == State.PENDING.value:
+        print(f"  next attempt due {_when(row['next_attempt'])}")
+    if webhook is not None:
+        print(
+            f"  POST {_origin_only(webhook.url)}/..."
+            " (path and query not shown: they may hold a token)"
+        )
+    print("headers (of the last attempt; secrets hidden):")
+    for name, value in headers.items():
+        print(f"  {name}: {value}")
+    print("body (the exact bytes of every attempt):")
+    print(f"  {body}")
+    print(f"attempts ({len(row['attempt_log'])}):")
+    for number, attempt in enumerate(row["attempt_log"], 1):
+        latency = "-" if attempt["latency"] is None else f"{attempt['latency'] * 1000:.0f} ms"
+        outcome = attempt["error"] or "delivered"
+        print(
+            f"  {number:>3}  {_when(attempt['at'])}  {attempt['status'] or '-':>4}  {latency:>8}"
+            f"  {outcome}"
+        )
+        if attempt["response"]:
+            print(f"       answered: {_escape(attempt['response'][:200])}")
+    return 0
+
+
+def sent_headers(row: dict[str, Any], webhook: WebhookConfig | None) -> dict[str, str]:
+    """The headers of the row's last attempt as sent, with what may be secret hidden; pure."""
+    headers = {"content-type": "application/json", "user-agent": USER_AGENT}
+    if webhook is not None:
+        headers |= {name: "<hidden>" for name in webhook.headers}
+    headers["webhook-id"] = row["message_id"]
+    if row["last_attempt"] is not None:
+        headers["webhook-timestamp"] = str(int(row["last_attempt"]))
+        if webhook is not None and webhook.secret:
+            count = len(webhook.secret)
+            headers["webhook-signature"] = f"<hidden: {count} v1 signature{'s' * (count > 1)}>"
+    return headers
+
+
+def _origin_only(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rsplit('@', 1)[-1]}"
+
+
+def _escape(text: str) -> str:
+    return text.encode("unicode_escape").decode("ascii")
+
+
+async def _repair(outbox: Outbox, args: argparse.Namespace, selection: Filter) -> int:
+    """`outbox replay` (dead rows, or waiting ones with --state pending), `outbox resend`
+    (finished rows: delivered, dead or both) and `outbox purge` (finished rows, or waiting ones
+    with --state pending). Without a filter each asks first (a terminal) or needs --yes."""
+    action = args.action
+    apply = {"replay": outbox.replay, "resend": outbox.resend, "purge": outbox.purge}[action]
     try:
-        if action == "replay":
-            count = await outbox.replay(selection)
-        else:
-            count = await outbox.purge(selection)
+        count = await apply(selection, dry_run=True)
+        if args.dry_run:
+            print(f"--dry-run, nothing changed: {_done(action, selection.state, count)}")
+            return 0
+        if not selection.narrows and not args.yes and count:
+            if not sys.stdin.isatty():
+                print(
+                    f"relayd: outbox {action} without --webhook, --drive, --since, --until or ids"
+                    f" reaches all {count} rows of every webhook: add --yes (or a filter)",
+                    file=sys.stderr,
+                )
+                return 1
+            question = f"{action} all {count} notifications of every webhook? [y/N] "
+            answer = await asyncio.to_thread(input, question)
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing changed")
+                return 1
+        count = await apply(selection)
     except ValueError as exc:  # a state the action never reaches, inflight above all
         print(f"relayd: outbox {action}: {exc}", file=sys.stderr)
         return 1
-    waiting = selection.state is State.PENDING
+    print(_done(action, selection.state, count))
+    return 0
+
+
+def _done(action: str, state: State | None, count: int) -> str:
+    """What a repair did, in words; pure."""
+    waiting = state is State.PENDING
     if action == "replay":
         if waiting:
-            print(f"{count} waiting notifications due now, with a fresh backoff and max_age")
-        else:
-            print(f"{count} dead notifications back in the queue")
-    else:
-        print(f"{count} {'waiting' if waiting else 'finished'} notifications deleted")
-    return 0
+            return f"{count} waiting notifications due now, with a fresh backoff and max_age"
+        return f"{count} dead notifications back in the queue"
+    if action == "resend":
+        kind = state.value if state is not None else "finished"
+        return f"{count} {kind} notifications due now to be sent again, with the same webhook-id"
+    return f"{count} {'waiting' if waiting else 'finished'} notifications deleted"
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
@@ -457,21 +592,38 @@ def build_parser() -> argparse.ArgumentParser:
         "inspect and repair the outbox (works while the daemon runs)",
         ["0  done", "1  no outbox yet, a filter the action cannot take, or " + CONFIG_ERROR[3:]],
     )
-    outbox.add_argument("action", choices=["status", "list", "replay", "purge"])
+    outbox.add_argument(
+        "action",
+        choices=["status", "list", "show", "replay", "resend", "purge"],
+        help="status: counts per webhook; list: rows, newest first; show ID: one row, its body"
+        " and every attempt; replay: dead (or --state pending) rows due now; resend: finished"
+        " rows sent again; purge: delete finished (or --state pending) rows",
+    )
+    outbox.add_argument(
+        "ids", nargs="*", type=int, metavar="ID", help="row ids (show takes one; others filter)"
+    )
     outbox.add_argument("--webhook", help="only this webhook")
     outbox.add_argument("--drive", help="only this drive")
     outbox.add_argument(
         "--state",
         choices=[s.value for s in State],
-        help="only rows in this state; replay takes dead (default) or pending, purge takes"
-        " delivered, dead (default: both) or pending",
+        help="only rows in this state; replay takes dead (default) or pending, resend"
+        " delivered or dead (default: both), purge delivered, dead (default: both) or pending",
     )
     outbox.add_argument(
         "--since", type=_moment, help="created at or after: 2h, or 2026-11-26T10:00"
     )
     outbox.add_argument("--until", type=_moment, help="created before: 30m, or an ISO time")
     outbox.add_argument("--limit", type=int, default=100, help="rows to list (default 100)")
-    outbox.add_argument("--json", action="store_true", help="list as JSON lines")
+    outbox.add_argument("--json", action="store_true", help="list and show as JSON")
+    outbox.add_argument(
+        "--dry-run", action="store_true", help="replay, resend, purge: count, change nothing"
+    )
+    outbox.add_argument(
+        "--yes",
+        action="store_true",
+        help="replay, resend, purge without a filter: do not ask (needed when not on a terminal)",
+    )
     outbox.set_defaults(handler=cmd_outbox)
 
     demo = command(

@@ -60,8 +60,9 @@ WAL_CHECKPOINT_BYTES_FULL = 256 << 10
 RESERVE_SUFFIX = ".reserve"
 ROOM_CHECK_INTERVAL = 1.0  # while full, how often a new notification may look for room again
 
-# 2: drives.drive_id (the id a `me`, `groups/...` or `sites/...` resource was resolved to).
-SCHEMA_VERSION = 2
+# 2: the attempts table, every failed attempt of a row, for `relayd outbox show`.
+# 3: drives.drive_id (the id a `me`, `groups/...` or `sites/...` resource was resolved to).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     id            INTEGER PRIMARY KEY,
@@ -88,12 +89,23 @@ CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (webhook, state, next_
 DROP INDEX IF EXISTS deliveries_finished;
 CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (state, finished)
     WHERE finished IS NOT NULL;
+-- Every failed attempt, for `relayd outbox show`. A row's last attempt is also on the row, and a
+-- successful one only there: the usual delivery (delivered at the first try) writes nothing here.
+CREATE TABLE IF NOT EXISTS attempts (
+    delivery_id   INTEGER NOT NULL,
+    at            REAL    NOT NULL,
+    status        INTEGER,
+    error         TEXT,
+    latency       REAL,
+    response      TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_of ON attempts (delivery_id, at);
 CREATE TABLE IF NOT EXISTS drives (
     name          TEXT    PRIMARY KEY,
     resource      TEXT    NOT NULL,
     cursor        TEXT,               -- the delta link to continue from (changes mode)
     updated       REAL    NOT NULL,
-    drive_id      TEXT                -- what `resource` was resolved to (schema 2)
+    drive_id      TEXT                -- what `resource` was resolved to (schema 3)
 );
 """
 # Columns later schemas added to tables that older files already have: (table, column, type).
@@ -188,10 +200,21 @@ class Filter:
     state: State | None = None
     since: float | None = None  # created at or after (Unix seconds)
     until: float | None = None  # created before
+    ids: tuple[int, ...] = ()  # these rows only
+
+    @property
+    def narrows(self) -> bool:
+        """Whether it picks rows out at all (a state alone still reaches every webhook)."""
+        return any(
+            value is not None for value in (self.webhook, self.drive, self.since, self.until)
+        ) or bool(self.ids)
 
     def where(self) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
+        if self.ids:
+            clauses.append(f"id IN ({', '.join('?' * len(self.ids))})")
+            params.extend(self.ids)
         for column, value in (("webhook", self.webhook), ("drive", self.drive)):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -211,6 +234,10 @@ class Filter:
 
 
 REPLAYABLE = (State.DEAD, State.PENDING)  # what `replay` reaches: dead rows unless asked
+RESENDABLE = (
+    State.DELIVERED,
+    State.DEAD,
+)  # what `resend` reaches: finished rows, both unless asked
 
 
 @dataclass(frozen=True)
@@ -1065,6 +1092,7 @@ class Outbox:
 
     async def record(self, results: Iterable[AttemptResult]) -> None:
         """Store what attempts came to: delivered, dead, or pending again with a next attempt."""
+        results = list(results)
         rows = [
             (
                 r.state.value,
@@ -1080,6 +1108,12 @@ class Outbox:
             for r in results
         ]
 
+        failed = [
+            (r.id, r.attempted_at, r.status, r.error, r.latency, r.response)
+            for r in results
+            if r.state is not State.DELIVERED
+        ]
+
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
                 "UPDATE deliveries SET state = ?, next_attempt = ?, attempts = attempts + 1,"
@@ -1087,6 +1121,12 @@ class Outbox:
                 " last_response = ?, finished = ? WHERE id = ?",
                 rows,
             )
+            if failed:
+                connection.executemany(
+                    "INSERT INTO attempts (delivery_id, at, status, error, latency, response)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    failed,
+                )
 
         # Deferrable: the dispatcher's slot is already free and nothing waits on this commit
         # except the attempt's own task. A claim (an ordered webhook's next one included) or a
@@ -1101,10 +1141,10 @@ class Outbox:
         """Forget delivered rows that finished before the given time."""
 
         def delete(connection: sqlite3.Connection) -> int:
-            cursor = connection.execute(
-                "DELETE FROM deliveries WHERE state = ? AND finished < ?",
-                (State.DELIVERED.value, delivered_before),
-            )
+            where = "state = ? AND finished < ?"
+            params = (State.DELIVERED.value, delivered_before)
+            _delete_attempts(connection, where, params)
+            cursor = connection.execute(f"DELETE FROM deliveries WHERE {where}", params)
             return cursor.rowcount
 
         return int(await self._submit(delete, heavy=True))
@@ -1230,6 +1270,53 @@ class Outbox:
 
         return await self._submit(query, heavy=True)
 
+    async def row(self, row_id: int) -> dict[str, Any] | None:
+        """One row with its body and every attempt (oldest first), for `relayd outbox show`."""
+
+        def query(connection: sqlite3.Connection) -> dict[str, Any] | None:
+            cursor = connection.execute("SELECT * FROM deliveries WHERE id = ?", (row_id,))
+            found = cursor.fetchone()
+            if found is None:
+                return None
+            row = dict(zip([column[0] for column in cursor.description], found, strict=True))
+            attempts = [
+                {"at": at, "status": status, "error": error, "latency": latency, "response": text}
+                for at, status, error, latency, text in connection.execute(
+                    "SELECT at, status, error, latency, response FROM attempts"
+                    " WHERE delivery_id = ? ORDER BY at, rowid",
+                    (row_id,),
+                )
+            ]
+            if row["state"] == State.DELIVERED.value and row["last_attempt"] is not None:
+                attempts.append(
+                    {
+                        "at": row["last_attempt"],
+                        "status": row["last_status"],
+                        "error": row["last_error"],
+                        "latency": row["last_latency"],
+                        "response": row["last_response"],
+                    }
+                )
+            row["attempt_log"] = attempts
+            return row
+
+        return await self._submit(query)
+
+    async def names(self) -> tuple[set[str], set[str]]:
+        """The webhooks and drives that have rows, for telling a mistyped name from an empty
+        selection."""
+
+        def query(connection: sqlite3.Connection) -> tuple[set[str], set[str]]:
+            webhooks = {
+                name for (name,) in connection.execute("SELECT DISTINCT webhook FROM deliveries")
+            }
+            drives = {
+                name for (name,) in connection.execute("SELECT DISTINCT drive FROM deliveries")
+            }
+            return webhooks, drives
+
+        return await self._submit(query, heavy=True)
+
     async def rows(self, selection: Filter = Filter(), *, limit: int = 100) -> list[dict[str, Any]]:
         """Rows without their bodies, newest first, for `relayd outbox list`."""
         where, params = selection.where()
@@ -1246,7 +1333,7 @@ class Outbox:
 
         return await self._submit(query, heavy=True)
 
-    async def replay(self, selection: Filter) -> int:
+    async def replay(self, selection: Filter, *, dry_run: bool = False) -> int:
         """Put dead rows back in the queue, due now, with a fresh max_age and backoff.
 
         `attempts` restarts from zero, so the first retry after a replay waits `initial_delay`,
@@ -1259,6 +1346,22 @@ class Outbox:
             what = "rows in flight" if state is State.INFLIGHT else f"{state.value} ones"
             raise ValueError(f"replay reaches dead or pending rows, not {what}")
         where, params = replace(selection, state=state).where()
+        return await self._make_due(where, params, dry_run=dry_run)
+
+    async def resend(self, selection: Filter, *, dry_run: bool = False) -> int:
+        """Send finished rows again (Svix's "resend"): delivered ones, dead ones or both (the
+        default), due now with a fresh max_age and backoff, and the same webhook-id. What they
+        were sent and answered before stays in their attempts."""
+        if selection.state is not None and selection.state not in RESENDABLE:
+            raise ValueError(f"resend reaches delivered or dead rows, not {selection.state.value}")
+        where, params = selection.where()
+        if selection.state is None:
+            where += " AND state IN ('delivered', 'dead') AND finished IS NOT NULL"
+        return await self._make_due(where, params, dry_run=dry_run)
+
+    async def _make_due(self, where: str, params: list[Any], *, dry_run: bool) -> int:
+        if dry_run:
+            return await self._count(where, params)
         now = self._clock()
 
         def update(connection: sqlite3.Connection) -> int:
@@ -1271,7 +1374,17 @@ class Outbox:
 
         return int(await self._submit(update, durable=True, heavy=True))
 
-    async def purge(self, selection: Filter) -> int:
+    async def _count(self, where: str, params: list[Any]) -> int:
+        def query(connection: sqlite3.Connection) -> int:
+            return int(
+                connection.execute(
+                    f"SELECT COUNT(*) FROM deliveries WHERE {where}", params
+                ).fetchone()[0]
+            )
+
+        return await self._submit(query, heavy=True)
+
+    async def purge(self, selection: Filter, *, dry_run: bool = False) -> int:
         """Delete the selected rows that are finished (dead or delivered).
 
         Waiting rows only when the selection asks for them (`state=PENDING`): those no
@@ -1284,10 +1397,23 @@ class Outbox:
         if selection.state is None:
             where += " AND state IN ('dead', 'delivered') AND finished IS NOT NULL"
 
+        if dry_run:
+            return await self._count(where, params)
+
         def delete(connection: sqlite3.Connection) -> int:
+            _delete_attempts(connection, where, params)
             cursor = connection.execute(f"DELETE FROM deliveries WHERE {where}", params)
             return cursor.rowcount
 
         # Durable when it deletes waiting rows: a power cut must not bring them back to be sent.
         durable = selection.state is State.PENDING
         return int(await self._submit(delete, durable=durable, heavy=True))
+
+
+def _delete_attempts(connection: sqlite3.Connection, where: str, params: Sequence[Any]) -> None:
+    """The attempts of the rows `where` selects, deleted before the rows themselves: a row id
+    can be used again once its row is gone."""
+    connection.execute(
+        f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE {where})",
+        params,
+    )

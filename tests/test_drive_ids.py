@@ -234,7 +234,7 @@ async def test_a_state_file_from_before_drive_ids_is_migrated_and_keeps_its_queu
     assert emulator.drive_lookups == {"me": 1}
     await relay.stop()
     with sqlite3.connect(state / "outbox.sqlite3") as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
         assert db.execute("SELECT resource, drive_id FROM drives").fetchall() == [
             ("me", emulator.drive_id("me"))
         ]
