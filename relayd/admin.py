@@ -274,9 +274,67 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "renewals": status.renewals,
             "drive_id": status.drive_id,  # what the resource resolved to; null until then
             "unstored": len(watcher.inbox),
+            "backlog": supervisor.backlog.per_drive.get(name, 0),
+            "account": watcher.drive.account,
             "webhooks": list(watcher.drive.webhook),
         }
     return report
+
+
+def webhook_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
+    """What `relayd status` shows per webhook: health, what waits, what died."""
+    snapshot = supervisor.backlog
+    report = {}
+    for name, dispatcher in supervisor.dispatchers.items():
+        outage = dispatcher.outage
+        report[name] = {
+            "healthy": not outage.failing,
+            "failing_since": _wall_clock(outage.failing_since),
+            "last_error": outage.last_error,
+            "last_status": dispatcher.last_status if outage.failing else None,
+            "backlog": snapshot.counts.get(name, 0),
+            "oldest_waiting": snapshot.oldest.get(name),
+            "dead_letters": snapshot.dead.get(name, 0),
+            "next_retry_due": dispatcher.next_retry_due,
+        }
+    return report
+
+
+def account_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
+    """Whether each account's tokens work, as its drives found out: a connected drive had its
+    token accepted by Graph (the endpoint fetch) and by the push service."""
+    report: dict[str, dict[str, Any]] = {}
+    for name in supervisor.config.accounts:
+        watchers = [w for w in supervisor.watchers.values() if w.drive.account == name]
+        states = [w.status.state for w in watchers]
+        connected = states.count(DriveState.CONNECTED)
+        if DriveState.NEEDS_LOGIN in states:
+            token = "needs_login"
+        elif connected:
+            token = "accepted"
+        elif watchers:
+            token = "unknown"  # no drive connected yet: nothing proves the token either way
+        else:
+            token = "unused"
+        problems = [
+            w.status.last_error
+            for w in watchers
+            if w.status.state is DriveState.NEEDS_LOGIN and w.status.last_error
+        ]
+        report[name] = {
+            "token": token,
+            "drives": len(watchers),
+            "connected": connected,
+            "last_error": problems[0] if problems else None,
+        }
+    return report
+
+
+def _wall_clock(monotonic: float | None) -> float | None:
+    """A time.monotonic() moment as Unix time, for people."""
+    if monotonic is None:
+        return None
+    return time.time() - (time.monotonic() - monotonic)
 
 
 def is_ready(supervisor: Supervisor) -> bool:
@@ -308,7 +366,10 @@ def build_app(supervisor: Supervisor) -> web.Application:
         snapshot = supervisor.backlog
         body = {
             "ready": is_ready(supervisor),
+            "daemon": supervisor.identity(),
             "drives": drive_report(supervisor),
+            "webhooks": webhook_report(supervisor),
+            "accounts": account_report(supervisor),
             "outbox": outbox_report(supervisor),
             "lost": supervisor.lost,
             "backlog": snapshot.counts,

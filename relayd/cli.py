@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -16,10 +17,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
+
 from relayd import __version__, logs
 from relayd.auth import (
     AccountReport,
     AuthError,
+    HttpClient,
     check_account,
     login,
     logout,
@@ -27,10 +31,21 @@ from relayd.auth import (
 )
 from relayd.config import Config, ConfigError, WebhookConfig, load_config, parse_duration
 from relayd.delivery import USER_AGENT
+from relayd.network import Network
 from relayd.outbox import Filter, Outbox, OutboxError, State
-from relayd.supervisor import EXIT_LOST, OUTBOX_FILE, StartupError, Supervisor, daemon_pid
+from relayd.supervisor import (
+    DAEMON_FILE,
+    EXIT_LOST,
+    OUTBOX_FILE,
+    StartupError,
+    Supervisor,
+    daemon_pid,
+)
 
 DEFAULT_CONFIG = "/etc/relayd/config.yaml"
+# The admin server is local: asked directly, whatever HTTP_PROXY says (an opener with no
+# proxies, where urlopen's default would read the proxy variables).
+_LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 CONFIG_HELP = f"config file (default: $RELAYD_CONFIG, else {DEFAULT_CONFIG})"
 
 
@@ -102,32 +117,83 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if not config.admin.enabled:
+    from relayd import status_view
+
+    # A broken file on disk is when an operator most needs the answer: the daemon still runs its
+    # last good config, and its state_dir says where it answers.
+    config: Config | None = None
+    refused: ConfigError | None = None
+    try:
+        config = _load(args.config)
+    except ConfigError as exc:
+        refused = exc
+    state_dir = config.state_dir if config is not None else _state_dir_of(config_path(args.config))
+    url = _admin_url(config, state_dir)
+    if url is None:
         print("relayd: admin.listen is off, so the daemon cannot be asked", file=sys.stderr)
-        return 1
+        return status_view.EXIT_NOT_RUNNING
+    try:
+        with _LOCAL.open(f"{url}/status", timeout=5) as response:
+            report = json.load(response)
+    except OSError as exc:
+        if refused is not None:
+            print(refused, file=sys.stderr)
+        print(f"relayd: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
+        return status_view.EXIT_NOT_RUNNING
+    if refused is not None:
+        report["config_on_disk"] = [str(issue) for issue in refused.issues]
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        if refused is not None:
+            print("the config file on disk does not load; the daemon runs its last good one:")
+            print("".join(f"  {issue}\n" for issue in report["config_on_disk"]))
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print(status_view.render(report, now=time.time(), color=color), end="")
+    return status_view.exit_code(report)
+
+
+def _state_dir_of(path: Path) -> Path:
+    """state_dir as a config file that does not validate names it, if it names one; else the
+    default (systemd's $STATE_DIRECTORY, or ./state)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError:
+        # Not YAML any more: its top-level `state_dir:` line, if that one is still readable.
+        line = re.search(r"^state_dir:[ \t]*['\"]?([^'\"#\n]+?)['\"]?[ \t]*(#.*)?$", text, re.M)
+        document = {"state_dir": line.group(1)} if line else None
+    named = document.get("state_dir") if isinstance(document, dict) else None
+    if isinstance(named, str) and named.strip() and "${" not in named:
+        return (path.absolute().parent / named).absolute()
+    systemd = os.environ.get("STATE_DIRECTORY")
+    return Path(systemd.split(":")[0]) if systemd else Path("state").absolute()
+
+
+def _admin_url(config: Config | None, state_dir: Path) -> str | None:
+    """Where the daemon on `state_dir` answers: what it wrote there at its start (right even
+    when the file on disk changed since), else the config's admin.listen."""
+    try:
+        written = json.loads((state_dir / DAEMON_FILE).read_text())
+    except (OSError, ValueError):
+        written = None
+    if (
+        isinstance(written, dict)
+        and written.get("admin")
+        and daemon_pid(state_dir) == written.get("pid")
+    ):
+        return str(written["admin"])
+    if config is None or not config.admin.enabled:
+        return None
     host = config.admin.host
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"
-    url = f"http://{host}:{config.admin.port}/status"
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            report = json.load(response)
-    except OSError as exc:
-        print(f"relayd: cannot reach the daemon at {url}: {exc}", file=sys.stderr)
-        return 1
-    print(f"{'drive':<20} {'state':<14} {'since':<21} {'last notification':<21} backlog")
-    for name, drive in report["drives"].items():
-        backlog = sum(report["backlog"].get(webhook, 0) for webhook in drive["webhooks"])
-        print(
-            f"{name:<20} {drive['state']:<14} {_when(drive['since']):<21}"
-            f" {_when(drive['last_notification']):<21} {backlog}"
-        )
-    if not report["reload"]["ok"]:
-        print(f"\nlast reload refused:\n{report['reload']['error']}")
-    return 0 if report["ready"] else 2
+    return f"http://{host}:{config.admin.port}"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -397,6 +463,16 @@ def cmd_outbox(args: argparse.Namespace) -> int:
 # -- sign-in ----------------------------------------------------------------------------------
 
 
+def _sign_in_client(config: Config) -> HttpClient:
+    """MSAL's HTTP client for the CLI: the daemon's trust (tls.ca_file) and proxy (graph.proxy)."""
+    try:
+        network = Network.from_environment(config.tls.ca_file)
+    except (OSError, ValueError) as exc:  # SSL_CERT_FILE (tls.ca_file was checked at load)
+        print(f"relayd: cannot load the CA bundle of SSL_CERT_FILE: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    return network.sign_in_session(config.graph.proxy)
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     config = _load(args.config)
     try:
@@ -407,6 +483,7 @@ def cmd_login(args: argparse.Namespace) -> int:
             account,
             config.state_dir,
             show=lambda message: print(message, flush=True),
+            http_client=_sign_in_client(config),
         )
     except AuthError as exc:
         print(f"relayd: {exc}", file=sys.stderr)
@@ -437,8 +514,9 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         return 0
 
     async def check_all() -> list[AccountReport]:
+        client = _sign_in_client(config)
         checks = [
-            check_account(name, account, config.state_dir)
+            check_account(name, account, config.state_dir, http_client=client)
             for name, account in config.accounts.items()
         ]
         return list(await asyncio.gather(*checks))
@@ -545,15 +623,18 @@ def build_parser() -> argparse.ArgumentParser:
         "make the running daemon re-read its config (SIGHUP)",
         ["0  the daemon was asked", "1  no daemon runs on this state_dir, or " + CONFIG_ERROR[3:]],
     ).set_defaults(handler=cmd_reload)
-    command(
+    status = command(
         "status",
-        "ask the running daemon how its drives and webhooks are doing",
+        "ask the running daemon how its drives, webhooks and accounts are doing",
         [
             "0  ready: every drive connected or settled, the outbox healthy",
             "1  the daemon cannot be asked (not running, admin.listen off), or " + CONFIG_ERROR[3:],
-            "2  running but degraded (not ready)",
+            "2  running but degraded: a drive not connected, a webhook failing, the outbox"
+            " not taking notifications, a refused reload",
         ],
-    ).set_defaults(handler=cmd_status)
+    )
+    status.add_argument("--json", action="store_true", help="the daemon's whole report as JSON")
+    status.set_defaults(handler=cmd_status)
     sign_in = command(
         "login",
         "sign a client_id account in with a device code",

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shlex
+import ssl
 import types
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
@@ -53,6 +54,7 @@ __all__ = [
     "LogConfig",
     "OutboxConfig",
     "RetryConfig",
+    "TlsConfig",
     "WebhookConfig",
     "drive_address",
     "is_name",
@@ -398,6 +400,28 @@ _Size = Annotated[int, BeforeValidator(parse_size)]
 _Name = Annotated[str, AfterValidator(_check_name)]
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
 _GRAPH_VERSION: Final = re.compile(r"v\d+(\.\d+)?|beta")
+
+
+def _check_proxy_url(value: str) -> str:
+    # Not quoted in the message: a proxy URL may hold a password.
+    if value == "":
+        return value  # explicitly no proxy: go direct
+    problem = _Invalid('expected http://[user:password@]host[:port], or "" for no proxy')
+    if any(char.isspace() for char in value):
+        raise problem
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise problem from None
+    # aiohttp talks to a proxy in plain HTTP (CONNECT for https targets); an https:// proxy URL
+    # would mean something else to it than to requests (sign-in), so only http:// is accepted.
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise problem
+    return value
+
+
+_ProxyUrl = Annotated[str, AfterValidator(_check_proxy_url)]
 _Secret = Annotated[str, AfterValidator(_check_secret)]
 
 
@@ -464,6 +488,9 @@ class GraphConfig(_Model):
     # after a network blip) never hammer Graph or the push service.
     connect_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 50
     connect_rate: Annotated[float, Field(gt=0, le=100_000)] = 50.0
+    # The proxy for everything towards Microsoft (Graph, the push socket, sign-in): None follows
+    # HTTPS_PROXY/HTTP_PROXY/NO_PROXY, "" goes direct. May hold a password: never shown.
+    proxy: _ProxyUrl | None = Field(default=None, repr=False)
 
     @field_validator("base_url")
     @classmethod
@@ -477,6 +504,27 @@ class GraphConfig(_Model):
                 "must end with Graph's API version, e.g. https://graph.microsoft.com/v1.0"
             )
         return value
+
+
+class TlsConfig(_Model):
+    """Trust for every TLS connection relayd makes; the system's CAs always count."""
+
+    # A PEM bundle of extra CAs (a corporate or test CA), read when the config is loaded.
+    ca_file: Path | None = None
+
+    @field_validator("ca_file", mode="before")
+    @classmethod
+    def _check_ca_file(cls, value: object, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve_path(value, info)
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=str(path))
+        except ssl.SSLError:  # an OSError too: first
+            raise _Invalid(f"{path} holds no PEM certificate that can be used as a CA") from None
+        except OSError as exc:
+            raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+        return path
 
 
 class AdminConfig(_Model):
@@ -683,6 +731,8 @@ class WebhookConfig(_Model):
     concurrency: int = Field(default=8, ge=1, le=256)
     ordered: bool = False
     retry: RetryConfig = RetryConfig()
+    # This webhook's proxy: None follows HTTPS_PROXY/HTTP_PROXY/NO_PROXY, "" goes direct.
+    proxy: _ProxyUrl | None = Field(default=None, repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -806,6 +856,7 @@ class DriveConfig(_Model):
 
 class Config(_Model):
     graph: GraphConfig = GraphConfig()
+    tls: TlsConfig = TlsConfig()
     state_dir: Path = Field(default_factory=lambda: Path("state").absolute())
     shutdown_grace: _DurationOrZero = 5.0
     admin: AdminConfig = AdminConfig()
@@ -1165,7 +1216,7 @@ def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Documen
 # --------------------------------------------------------------------------- errors -> issues
 
 # Keys whose values may be credentials: problems there never quote the value.
-_SENSITIVE_KEYS: Final = frozenset({"secret", "headers", "token_command", "token_file"})
+_SENSITIVE_KEYS: Final = frozenset({"secret", "headers", "token_command", "token_file", "proxy"})
 _APPLICATION_CREDENTIAL_KEYS: Final = frozenset(
     {"client_secret", "client_credential", "certificate", "client_certificate", "certificate_path"}
 )

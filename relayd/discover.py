@@ -26,6 +26,7 @@ import yaml
 from relayd.auth import AuthError
 from relayd.config import Config, is_name
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, TokenSource, retry_delay
+from relayd.network import Network, describe_connection_error
 from relayd.supervisor import token_provider
 
 # A listing is interactive: a throttled request is asked again a few times, not forever.
@@ -215,7 +216,8 @@ class Discovery:
             except AuthError as error:  # its message names the account already
                 raise DiscoverError(str(error)) from None
             except (aiohttp.ClientError, OSError, TimeoutError) as error:
-                reason = str(error) or type(error).__name__
+                # A certificate or proxy problem is said with its host, as the daemon says it.
+                reason = describe_connection_error(error) or str(error) or type(error).__name__
                 raise self._failed(url, f"cannot reach Graph: {reason}") from None
             if not isinstance(body, Mapping):
                 raise self._failed(url, "the answer is not a JSON object")
@@ -311,9 +313,16 @@ async def discover(config: Config, account: str, *, search: str | None = None) -
     if settings is None:
         known = ", ".join(sorted(config.accounts)) or "none"
         raise DiscoverError(f"no account {account!r} in the config (accounts: {known})")
-    tokens = token_provider(account, settings, config.state_dir)
-    async with aiohttp.ClientSession() as session:
-        graph = GraphClient(session, config.graph.base_url)
+    # Connections go the daemon's way: its TLS trust (tls.ca_file) and its proxies.
+    network = Network.from_environment(config.tls.ca_file)
+    sign_in = network.sign_in_session(config.graph.proxy)
+    tokens = token_provider(account, settings, config.state_dir, sign_in=sign_in)
+    async with aiohttp.ClientSession(connector=network.connector()) as session:
+        graph = GraphClient(
+            session,
+            config.graph.base_url,
+            request_options=network.request_options(config.graph.base_url, config.graph.proxy),
+        )
         return await Discovery(graph, tokens.token, account).run(search=search)
 
 

@@ -26,6 +26,7 @@ import aiohttp
 from relayd.auth import AuthError
 from relayd.config import AccountConfig, Config, WebhookConfig
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse
+from relayd.network import Network, Proxy, describe_connection_error
 from relayd.supervisor import OUTBOX_FILE, daemon_pid, token_provider
 
 CONNECT_TIMEOUT = 10.0
@@ -46,13 +47,22 @@ def format_check(check: Check, width: int) -> str:
 
 
 async def run_checks(config: Config) -> list[Check]:
-    """Every check, accounts and webhooks concurrently; in the config's order."""
-    async with aiohttp.ClientSession() as session:
-        graph = GraphClient(session, config.graph.base_url, timeout=CONNECT_TIMEOUT)
+    """Every check, accounts and webhooks concurrently; in the config's order. Connections go
+    the way the daemon's go: its TLS trust (tls.ca_file) and its proxies."""
+    network = Network.from_environment(config.tls.ca_file)
+    async with aiohttp.ClientSession(connector=network.connector()) as session:
+        graph = GraphClient(
+            session,
+            config.graph.base_url,
+            timeout=CONNECT_TIMEOUT,
+            request_options=network.request_options(config.graph.base_url, config.graph.proxy),
+        )
         checks: list[Awaitable[Check]] = [
             check_account(name, account, config, graph) for name, account in config.accounts.items()
         ]
-        checks += [check_webhook(name, webhook) for name, webhook in config.webhooks.items()]
+        checks += [
+            check_webhook(name, webhook, network) for name, webhook in config.webhooks.items()
+        ]
         found = list(await asyncio.gather(*checks))
     return [*found, *check_state_dir(config.state_dir), check_admin(config)]
 
@@ -77,36 +87,62 @@ async def check_account(
         where = f"drive {drive.name}" if drive is not None else "its own drive"
         return Check(subject, False, f"token obtained, but Graph refused it for {where}: {exc}")
     except (AuthError, InvalidGraphResponse, aiohttp.ClientError, TimeoutError, OSError) as exc:
-        return Check(subject, False, f"token obtained, but GET /{path} failed: {_describe(exc)}")
+        reason = describe_connection_error(exc) or _describe(exc)
+        return Check(subject, False, f"token obtained, but GET /{path} failed: {reason}")
     return Check(subject, True, f"token accepted by Graph (GET /{path})")
 
 
-async def check_webhook(name: str, webhook: WebhookConfig) -> Check:
+async def check_webhook(name: str, webhook: WebhookConfig, network: Network) -> Check:
     subject = f"webhook {name}"
     parts = urlsplit(webhook.url)
     host = parts.hostname or ""
     secure = parts.scheme == "https"
     port = parts.port or (443 if secure else 80)
-    context = ssl.create_default_context() if secure else None
     timeout = min(webhook.timeout, CONNECT_TIMEOUT)
+    proxy = network.proxy(webhook.url, webhook.proxy)
     # The URL's path and query are not shown: webhook URLs often carry a token.
-    where = f"{host}:{port}"
+    where = f"{host}:{port}" + (f" through {proxy.display}" if proxy else "")
     try:
         async with asyncio.timeout(timeout):
-            _, writer = await asyncio.open_connection(
-                host, port, ssl=context, server_hostname=host if secure else None
-            )
+            writer = await _connect(host, port, proxy)
+            if secure:
+                await writer.start_tls(network.ssl_context, server_hostname=host)
     except TimeoutError:
         return Check(subject, False, f"{where}: no answer within {timeout:g}s")
     except ssl.SSLCertVerificationError as exc:
-        return Check(subject, False, f"{where}: TLS certificate not valid: {exc.verify_message}")
-    except (OSError, ssl.SSLError) as exc:
+        reason = f"{exc.verify_message} (tls.ca_file adds a CA)"
+        return Check(subject, False, f"{where}: TLS certificate not trusted: {reason}")
+    except (OSError, ssl.SSLError, _ProxyRefused) as exc:
         return Check(subject, False, f"{where}: cannot connect: {_describe(exc)}")
     writer.close()
     # Closing a connection opened only to see that it could be: its errors say nothing.
     with contextlib.suppress(OSError, ssl.SSLError):
         await writer.wait_closed()
     return Check(subject, True, f"{where} answers" + (" (TLS certificate valid)" if secure else ""))
+
+
+class _ProxyRefused(Exception):
+    """The proxy answered CONNECT with something else than 200."""
+
+
+async def _connect(host: str, port: int, proxy: Proxy | None) -> asyncio.StreamWriter:
+    """A TCP connection to host:port, directly or through the proxy's CONNECT tunnel."""
+    if proxy is None:
+        _, writer = await asyncio.open_connection(host, port)
+        return writer
+    target = urlsplit(proxy.url)
+    reader, writer = await asyncio.open_connection(target.hostname, target.port or 80)
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+    request += "".join(f"{name}: {value}\r\n" for name, value in proxy.headers.items())
+    writer.write((request + "\r\n").encode())
+    status = (await reader.readline()).decode("latin-1").split()
+    while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+        pass  # the rest of the proxy's answer head
+    if len(status) < 2 or status[1] != "200":
+        writer.close()
+        raise _ProxyRefused(f"the proxy answered CONNECT with {' '.join(status[1:]) or 'nothing'}")
+    return writer
 
 
 def check_state_dir(state_dir: Path) -> list[Check]:

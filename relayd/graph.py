@@ -346,8 +346,17 @@ TokenSource = Callable[[str | None], Awaitable[str]]
 class GraphClient:
     """Authenticated GETs to Graph. One per process; safe to share between drives."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, *, timeout: float = 30.0):
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        *,
+        timeout: float = 30.0,
+        request_options: Mapping[str, Any] | None = None,
+    ):
+        """`request_options`: extra aiohttp arguments for every request (the proxy to use)."""
         self._session = session
+        self._request_options = dict(request_options or {})
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -381,6 +390,7 @@ class GraphClient:
                 headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
                 timeout=self._timeout,
                 allow_redirects=False,
+                **self._request_options,
             ) as response:
                 body = await response.read()
                 if response.status == 200:

@@ -35,6 +35,8 @@ _PATTERNS = (
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1***"),
     (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "***jwt***"),
     (re.compile(r"whsec_[A-Za-z0-9+/=]+"), "whsec_***"),
+    # user:password in a URL (a proxy's, mostly: http://user:pass@proxy:3128)
+    (re.compile(r"(://)[^/\s:@\"'<>]+:[^/\s@\"'<>]*@"), r"\1***@"),
 )
 
 

@@ -48,6 +48,7 @@ from relayd.graph import (
     retry_delay,
     travels_unencrypted,
 )
+from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 
@@ -359,6 +360,7 @@ class DriveWatcher:
         tokens: TokenProvider,
         outbox: Outbox,
         socket_session: aiohttp.ClientSession | None = None,
+        socket_options: Callable[[str], Mapping[str, Any]] | None = None,
         gate: ConnectGate,
         inbox: Inbox | None = None,
     ) -> None:
@@ -369,6 +371,8 @@ class DriveWatcher:
         self._tokens = tokens
         self._outbox = outbox
         self._socket_session = socket_session
+        # Extra aiohttp arguments for a socket's connect to a URL (the proxy for its host).
+        self._socket_options = socket_options or (lambda _url: {})
         self._gate = gate
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
@@ -759,7 +763,10 @@ class _Connection:
             "reconnection": False,
             "handle_sigint": False,
             # A close handshake on a dead line waits this long before dropping the socket.
-            "websocket_extra_options": {"timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT)},
+            "websocket_extra_options": {
+                "timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
+                **watcher._socket_options(subscription.target.server_url),
+            },
         }
         if watcher._socket_session is not None:
             options["http_session"] = watcher._socket_session
@@ -825,5 +832,8 @@ def describe(error: BaseException | None) -> str:
     """An exception as one log-safe line (these never carry the endpoint's query)."""
     if error is None:
         return "unknown error"
+    explained = describe_connection_error(error)  # TLS and proxy failures, naming the host
+    if explained is not None:
+        return explained
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

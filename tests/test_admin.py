@@ -224,33 +224,68 @@ async def test_a_refused_reload_shows_in_metrics_and_status(
     assert "relayd_config_last_reload_successful 0.0" in text
 
 
-async def test_relayd_status_prints_a_table_from_the_running_daemon(
+async def test_relayd_status_says_what_is_stuck_and_why_also_with_the_config_on_disk_broken(
     tmp_path: Path,
     emulator: GraphEmulator,
     receiver: WebhookReceiver,
     start_relay: StartRelay,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
+    receiver.set_default("hook", ScriptedResponse(status=503))  # the webhook is down
+    emulator.inject_error("drives/two", 503, "serviceNotAvailable", count=1000)  # d2 cannot connect
     port = free_port()
-    config = relay_config(tmp_path, emulator, receiver, admin={"listen": f"127.0.0.1:{port}"})
+    drives = [
+        {"name": "d1", "account": "test", "resource": "me", "webhook": "hook"},
+        {"name": "d2", "account": "test", "resource": "drives/two", "webhook": "hook"},
+    ]
+    config = relay_config(
+        tmp_path, emulator, receiver, admin={"listen": f"127.0.0.1:{port}"}, drives=drives
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
-    await start_relay(config)
-    await wait_until(lambda: emulator.connected("me") == 1, what="connected")
-    await emulator.emit("me")
-    await receiver.wait_for(1)
-    code = await asyncio.to_thread(cli.main, ["status", "--config", str(path)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    assert out.splitlines()[0].split() == [
-        "drive",
-        "state",
-        "since",
-        "last",
-        "notification",
-        "backlog",
-    ]
-    row = out.splitlines()[1].split()
-    assert row[0] == "d1"
-    assert row[1] == "connected"
-    assert row[-1] == "0"
+    relay = await start_relay(config)
+    await wait_until(lambda: emulator.connected("me") == 1, what="d1 connected")
+    await emulator.emit("me", 2)
+    await wait_until(lambda: len(receiver.requests) >= 2, what="failed attempts")
+    await wait_until(
+        lambda: relay.watcher("d2").status.state is DriveState.RECONNECTING, what="d2 retrying"
+    )
+    await relay.supervisor.refresh_backlog()
+
+    async def status(*extra: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(cli.main, ["status", "--config", str(path), *extra])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = await status()
+    assert code == 2  # degraded
+    lines = out.splitlines()
+    assert lines[0].endswith(": degraded: drive d2 reconnecting, webhook hook failing")
+    assert "\033[" not in out  # not a terminal: no colour
+    header = next(line for line in lines if line.startswith("DRIVE"))
+    assert header.split()[:3] == ["DRIVE", "STATE", "SINCE"]
+    d1 = next(line for line in lines if line.startswith("d1 "))
+    d2 = next(line for line in lines if line.startswith("d2 "))
+    assert " connected " in d1 and " reconnecting " in d2
+    assert "503" in d2 and "serviceNotAvailable" in d2  # the reason, not only the state
+    hook = next(line for line in lines if line.startswith("hook "))
+    assert "failing for " in hook and "HTTP 503" in hook
+    account = next(line for line in lines if line.startswith("test "))
+    assert "accepted by Graph" in account and "1/2" in account
+
+    code, out, _ = await status("--json")
+    report = json.loads(out)
+    assert code == 2
+    assert report["webhooks"]["hook"]["healthy"] is False
+    assert report["webhooks"]["hook"]["last_status"] == 503
+    assert report["webhooks"]["hook"]["backlog"] == 2
+    assert report["drives"]["d1"]["backlog"] == 2  # its own, not its webhook's total
+    assert report["drives"]["d2"]["backlog"] == 0
+    assert report["drives"]["d2"]["state"] == "reconnecting"
+
+    path.write_text(path.read_text() + "drives: [oops\n")  # a broken edit, not reloaded
+    code, out, _ = await status()
+    assert code == 2
+    assert out.startswith("the config file on disk does not load; the daemon runs its last good")
+    assert "invalid YAML" in out
+    assert "hook " in out and "d2 " in out

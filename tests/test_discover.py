@@ -10,6 +10,7 @@ import pytest
 import yaml
 from conftest import StartRelay, relay_config, wait_notifications
 from support.configs import TOKEN, relay_document
+from support.tls import Authority
 from test_cli import run_cli
 
 from relayd.config import is_name
@@ -173,3 +174,26 @@ async def test_the_listing_follows_every_page(
     assert resources >= {drive for site in sites for drive in site.drives}
     assert emulator.graph_paths["/v1.0/me/followedSites"] == 5
     assert all(emulator.graph_paths[f"/v1.0/sites/{site.id}/drives"] == 2 for site in sites)
+
+
+@pytest.mark.timeout(60)
+async def test_discover_trusts_what_the_daemon_trusts_and_names_an_untrusted_host(
+    tmp_path: Path, ca: Authority, tls_emulator: GraphEmulator, receiver: WebhookReceiver
+) -> None:
+    site = tls_emulator.add_site("Engineering")
+    document = {**relay_document(tmp_path, tls_emulator, receiver), "drives": []}
+    assert document["graph"]["base_url"].startswith("https://")
+    config = write_config(tmp_path, document)
+    code, _, err = await discover(config)  # the test CA is trusted by nothing yet
+    assert code == 1
+    assert "relayd: discover: account 'test': GET /v1.0/me/drive: cannot reach Graph:" in err
+    assert f"TLS certificate of 127.0.0.1:{tls_emulator.port} is not trusted" in err
+
+    document["tls"] = {"ca_file": str(ca.ca_file)}
+    config = write_config(tmp_path, document)
+    code, out, err = await discover(config)
+    assert code == 0, err
+    assert {d["resource"] for d in yaml.safe_load(out)["drives"]} == {
+        f"drives/{tls_emulator.drive_id('me')}",
+        *site.drives,
+    }

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from support.configs import TOKEN, relay_document
 from support.daemon import free_port
+from support.tls import Authority
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
 
@@ -90,3 +91,22 @@ async def test_a_token_graph_refuses_and_a_webhook_that_does_not_answer_fail(
     assert "chmod 0700" in line_of(lines, "state_dir")
     output = "\n".join(lines)
     assert TOKEN not in output and "SECRETKEY" not in output
+
+
+@pytest.mark.timeout(90)
+async def test_over_tls_the_ca_file_decides_and_an_untrusted_certificate_is_named(
+    tmp_path: Path, tls_emulator: GraphEmulator, tls_receiver: WebhookReceiver, ca: Authority
+) -> None:
+    document = relay_document(tmp_path, tls_emulator, tls_receiver)
+    code, lines = await doctor(write(tmp_path, document))  # the system's CAs only
+    assert code == 1
+    webhook = line_of(lines, "webhook hook")
+    assert webhook.startswith("FAIL ") and "TLS certificate not trusted" in webhook
+    assert "tls.ca_file adds a CA" in webhook
+    account = line_of(lines, "account test")
+    assert account.startswith("FAIL ") and "is not trusted" in account
+
+    document["tls"] = {"ca_file": str(ca.ca_file)}
+    code, lines = await doctor(write(tmp_path, document))
+    assert code == 0, lines
+    assert "(TLS certificate valid)" in line_of(lines, "webhook hook")

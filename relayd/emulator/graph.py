@@ -26,12 +26,14 @@ import json
 import math
 import secrets
 import signal
+import ssl
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import parse_qs, urlencode
@@ -42,6 +44,7 @@ from aiohttp import web
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
 from relayd.emulator.delta import ChangeLog, InjectedDeltaError, answer_delta
+from relayd.emulator.tls import LOOPBACK_NAMES, throwaway_ca
 
 __all__ = ["EmulatedSite", "GraphEmulator", "main"]
 
@@ -275,7 +278,9 @@ class GraphEmulator:
         announced_ping_timeout: float | None = None,
         push_base_url: str | None = None,
         me_not_supported: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: serve HTTPS and WSS with it (see relayd.emulator.tls); plain without."""
         if url_form not in ("notifications", "callback"):
             raise ValueError(f"url_form must be 'notifications' or 'callback', not {url_form!r}")
         if expiry not in ("close", "quiet"):
@@ -290,6 +295,8 @@ class GraphEmulator:
         self.expiry: ExpiryBehaviour = expiry
         self.push_base_url = push_base_url
         self.me_not_supported = me_not_supported
+        self._ssl_context = ssl_context
+        self.scheme = "https" if ssl_context is not None else "http"
         self._tokens = set(tokens)
         self._lifetime = float(lifetime)
         self._ping_interval = ping_interval
@@ -331,7 +338,7 @@ class GraphEmulator:
     @property
     def base_url(self) -> str:
         """What a relay config puts in graph.base_url."""
-        return f"http://{_netloc(self.host, self.port)}/v1.0"
+        return f"{self.scheme}://{_netloc(self.host, self.port)}/v1.0"
 
     @property
     def push_base_url(self) -> str | None:
@@ -345,7 +352,7 @@ class GraphEmulator:
     @property
     def push_url(self) -> str:
         """Scheme and authority of the notificationUrls handed out."""
-        return self.push_base_url or f"http://{_netloc(self.host, self.port)}"
+        return self.push_base_url or f"{self.scheme}://{_netloc(self.host, self.port)}"
 
     async def start(self) -> None:
         """Bind and serve; after this `port` and `base_url` are valid."""
@@ -375,7 +382,7 @@ class GraphEmulator:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLOSE_GRACE)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -1111,6 +1118,14 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         action="store_true",
         help="answer /me/drive/root/... with 400 notSupported, as some business tenants do",
     )
+    parser.add_argument(
+        "--tls-ca-out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="serve HTTPS/WSS with a certificate from a throwaway CA (needs trustme) and write"
+        " that CA's certificate to PATH, for relayd's tls.ca_file",
+    )
     return parser.parse_args(argv)
 
 
@@ -1119,7 +1134,13 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # the handler only signals; the loop shuts down
+    context = None
+    if args.tls_ca_out is not None:
+        authority = throwaway_ca(sorted({*LOOPBACK_NAMES, args.host}))
+        authority.write_ca(args.tls_ca_out)
+        context = authority.server_context
     emulator = GraphEmulator(
+        ssl_context=context,
         host=args.host,
         port=args.port,
         tokens=args.tokens or ("test-token",),
