@@ -24,10 +24,11 @@ import aiohttp
 import yaml
 
 from relayd.auth import AuthError
-from relayd.config import Config, is_name
+from relayd.config import Config, drive_address, is_name
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, TokenSource, retry_delay
 from relayd.network import Network, describe_connection_error
-from relayd.supervisor import token_provider
+from relayd.outbox import Outbox, OutboxError
+from relayd.supervisor import OUTBOX_FILE, token_provider
 
 # A listing is interactive: a throttled request is asked again a few times, not forever.
 THROTTLE_ATTEMPTS = 4
@@ -62,6 +63,9 @@ class FoundDrive:
 class Listing:
     drives: list[FoundDrive] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what was skipped, and why
+    # drives/{id} -> the configured drive already watching it as `me`, `groups/...` (the ids a
+    # daemon resolved and stored in state_dir)
+    resolved: dict[str, str] = field(default_factory=dict)
 
     def add(self, found: FoundDrive) -> None:
         # A team's library is also its site's: list each drive once, under the first finding.
@@ -269,7 +273,7 @@ def unique_names(suggestions: Iterable[str], taken: Iterable[str] = ()) -> list[
 
 def render(listing: Listing, config: Config, account: str) -> str:
     """The listing as YAML comments, then a `drives:` block ready to paste; pure."""
-    configured = {drive.resource: drive.name for drive in config.drives}
+    configured = {**listing.resolved, **{drive.resource: drive.name for drive in config.drives}}
     new = [found for found in listing.drives if found.resource not in configured]
     names = unique_names(
         (found.suggested_name for found in new), (drive.name for drive in config.drives)
@@ -323,7 +327,28 @@ async def discover(config: Config, account: str, *, search: str | None = None) -
             config.graph.base_url,
             request_options=network.request_options(config.graph.base_url, config.graph.proxy),
         )
-        return await Discovery(graph, tokens.token, account).run(search=search)
+        listing = await Discovery(graph, tokens.token, account).run(search=search)
+    listing.resolved = await resolved_drives(config)
+    return listing
+
+
+async def resolved_drives(config: Config) -> dict[str, str]:
+    """`drives/{id}` -> name, for the configured drives whose resource (`me`, `groups/...`) a
+    daemon has resolved: so that `me` is known to be the OneDrive the listing shows. Nothing
+    when relayd never ran with this state_dir, or its store cannot be read now."""
+    path = config.state_dir / OUTBOX_FILE
+    if not path.exists():
+        return {}
+    found: dict[str, str] = {}
+    try:
+        async with Outbox(path, recover=False) as outbox:
+            for drive in config.drives:
+                stored = await outbox.drive_id(drive.name)
+                if stored is not None and stored[0] == drive.resource:
+                    found[drive_address(drive.resource, stored[1])] = drive.name
+    except OutboxError:
+        return {}  # only a nicety: the listing itself does not need it
+    return found
 
 
 def notes_text(notes: Sequence[str]) -> str:

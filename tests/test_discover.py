@@ -197,3 +197,23 @@ async def test_discover_trusts_what_the_daemon_trusts_and_names_an_untrusted_hos
         f"drives/{tls_emulator.drive_id('me')}",
         *site.drives,
     }
+
+
+@pytest.mark.timeout(60)
+async def test_a_drive_configured_as_me_is_known_once_relayd_has_resolved_it(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+) -> None:
+    site = emulator.add_site("Engineering")
+    relay = await start_relay()  # d1 is `resource: me`: looked up and stored in state_dir
+    await relay.connected()
+    await relay.stop()
+    config = write_config(tmp_path, relay_document(tmp_path, emulator, receiver))
+
+    code, out, err = await discover(config)
+    assert code == 0, err
+    assert "already in the config as 'd1'" in out
+    # Only the library is new: the OneDrive is the drive d1 already watches.
+    assert [d["resource"] for d in yaml.safe_load(out)["drives"]] == list(site.drives)
