@@ -1,4 +1,4 @@
-"""The `relayd` command: run, check-config, outbox, demo."""
+"""The `relayd` command: run, check-config, outbox, discover, demo."""
 
 from __future__ import annotations
 
@@ -535,6 +535,21 @@ def cmd_accounts(args: argparse.Namespace) -> int:
     return 0 if all(report.ok for report in reports) else 1
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    from relayd import discover  # only this command needs it
+
+    config = _load(args.config)
+    try:
+        listing = asyncio.run(discover.discover(config, args.account, search=args.search))
+    except discover.DiscoverError as exc:
+        print(f"relayd: discover: {exc}", file=sys.stderr)
+        return 1
+    # Notes (what was skipped) to stderr, so stdout is YAML to paste as it is.
+    sys.stderr.write(discover.notes_text(listing.notes))
+    sys.stdout.write(discover.render(listing, config, args.account))
+    return 0
+
+
 # -- demo ---------------------------------------------------------------------------------------
 
 
@@ -639,6 +654,19 @@ def build_parser() -> argparse.ArgumentParser:
         "list the accounts and whether each gets a token now",
         ["0  every account gets a token", "1  an account does not, or " + CONFIG_ERROR[3:]],
     ).set_defaults(handler=cmd_accounts)
+
+    find = command(
+        "discover",
+        "list the drives an account can watch, and print them as a drives: block to paste",
+        [
+            "0  listed (parts the account may not read are skipped with a note on stderr)",
+            "1  the account gets no token, Graph refused or failed a request, or "
+            + CONFIG_ERROR[3:],
+        ],
+    )
+    find.add_argument("--account", required=True, help="an account of the config")
+    find.add_argument("--search", help="also list the libraries of sites matching this text")
+    find.set_defaults(handler=cmd_discover)
 
     outbox = command(
         "outbox",
