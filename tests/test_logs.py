@@ -17,7 +17,7 @@ import socketio
 import structlog
 import yaml
 from aiohttp import web
-from support.daemon import Daemon, free_port, write_daemon_config
+from support.daemon import Daemon, free_port, running_daemon, write_daemon_config
 from support.waiting import eventually, wait_until
 from test_cli import RelayProcess, write_config
 
@@ -287,14 +287,9 @@ async def test_start_says_what_runs_where_and_stop_says_what_was_left_waiting(
     tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
 ) -> None:
     receiver.set_default("hook", ScriptedResponse(status=503))  # nothing gets through
-    port = free_port()
-    state = tmp_path / "state"
-    config = write_daemon_config(
-        tmp_path / "relayd.yaml", emulator, receiver, state_dir=state, admin_port=port
-    )
-    daemon = Daemon(config, port)
-    await daemon.start()
-    try:
+    state, config = tmp_path / "state", tmp_path / "relayd.yaml"
+    async with running_daemon(tmp_path, emulator, receiver) as daemon:
+        port = daemon.admin_port
         await wait_until(lambda: daemon.events("started"), timeout=30, what="started")
         (started,) = daemon.events("started")
         assert started["version"] == relayd.__version__
@@ -309,5 +304,3 @@ async def test_start_says_what_runs_where_and_stop_says_what_was_left_waiting(
         assert await daemon.wait() == 0
         (stopped,) = daemon.events("stopped")
         assert (stopped["waiting"], stopped["waiting_per_webhook"]) == (3, {"hook": 3})
-    finally:
-        await daemon.stop()

@@ -6,7 +6,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from support.daemon import Daemon, free_port, write_daemon_config
+from support.daemon import running_daemon
 from support.waiting import wait_until
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
@@ -94,13 +94,7 @@ async def test_an_outage_of_many_attempts_logs_one_failing_line_and_one_recovere
 ) -> None:
     failures = 40
     receiver.script("hook", [ScriptedResponse(status=503)] * failures)
-    port = free_port()
-    config = write_daemon_config(
-        tmp_path / "relayd.yaml", emulator, receiver, state_dir=tmp_path / "state", admin_port=port
-    )
-    daemon = Daemon(config, port)
-    await daemon.start()
-    try:
+    async with running_daemon(tmp_path, emulator, receiver) as daemon:
         await wait_until(lambda: emulator.connected("me") == 1, timeout=30, what="connected")
         await emulator.emit("me", 5)
         await receiver.wait_for(5, timeout=30)
@@ -121,8 +115,6 @@ async def test_an_outage_of_many_attempts_logs_one_failing_line_and_one_recovere
         assert not daemon.events("still failing")  # the outage lasted well under a minute
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
-    finally:
-        await daemon.stop()
 
 
 @pytest.mark.timeout(90)
@@ -130,13 +122,7 @@ async def test_a_drive_that_cannot_connect_for_a_while_logs_one_failing_and_one_
     tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
 ) -> None:
     emulator.inject_error("me", 503, "serviceNotAvailable", count=3)
-    port = free_port()
-    config = write_daemon_config(
-        tmp_path / "relayd.yaml", emulator, receiver, state_dir=tmp_path / "state", admin_port=port
-    )
-    daemon = Daemon(config, port)
-    await daemon.start()
-    try:
+    async with running_daemon(tmp_path, emulator, receiver) as daemon:
         await wait_until(lambda: emulator.connected("me") == 1, timeout=40, what="connected")
         await wait_until(lambda: daemon.events("recovered"), timeout=30, what="recovered line")
         failing = daemon.events("is failing")
@@ -150,5 +136,3 @@ async def test_a_drive_that_cannot_connect_for_a_while_logs_one_failing_and_one_
         assert {line["level"] for line in daemon.events("cannot connect, will retry")} == {"debug"}
         daemon.signal(signal.SIGTERM)
         assert await daemon.wait() == 0
-    finally:
-        await daemon.stop()

@@ -7,11 +7,12 @@ reads, and the admin endpoints are asked over loopback, as an operator or a prob
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import sqlite3
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,29 @@ class Daemon:
             if isinstance(record, dict) and event in str(record.get("event", "")):
                 found.append(record)
         return found
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(
+    folder: Path, emulator: GraphEmulator, receiver: WebhookReceiver, **top: Any
+) -> AsyncIterator[Daemon]:
+    """A daemon on a config written into `folder` (state in folder/state, admin on a free
+    port, `top` as in relay_document), started; killed at the end if still running."""
+    port = free_port()
+    config = write_daemon_config(
+        folder / "relayd.yaml",
+        emulator,
+        receiver,
+        state_dir=folder / "state",
+        admin_port=port,
+        **top,
+    )
+    daemon = Daemon(config, port)
+    await daemon.start()
+    try:
+        yield daemon
+    finally:
+        await daemon.stop()
 
 
 def outbox_rows(state_dir: Path) -> dict[str, int]:
