@@ -121,9 +121,23 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{name:<20} {drive['state']:<14} {_when(drive['since']):<21}"
             f" {_when(drive['last_notification']):<21} {backlog}"
         )
+    _print_tenants(report.get("tenants", {}))
     if not report["reload"]["ok"]:
         print(f"\nlast reload refused:\n{report['reload']['error']}")
     return 0 if report["ready"] else 2
+
+
+def _print_tenants(tenants: dict[str, dict[str, object]]) -> None:
+    """Each tenant's Graph budget (used in the last minute / per minute) and throttling."""
+    if not tenants:
+        return
+    print(f"\n{'tenant':<36} {'last minute':>15} {'waiting':>8} {'throttled':>10}  paused until")
+    for name, tenant in tenants.items():
+        used = f"{tenant['used_last_minute']}/{tenant['budget_per_minute']}"
+        throttled = f"{float(str(tenant['throttled_seconds'])):.0f}s"
+        until = tenant["throttled_until"]
+        paused = _when(float(str(until))) if until is not None else "-"
+        print(f"{name:<36} {used:>15} {tenant['waiting']!s:>8} {throttled:>10}  {paused}")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

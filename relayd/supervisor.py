@@ -43,6 +43,7 @@ from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
 from relayd.outbox import Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
+from relayd.tenant import TenantReport, tenant_key
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
 log = structlog.get_logger("relayd.supervisor")
@@ -151,6 +152,10 @@ class Supervisor:
         self._graph: GraphClient | None = None
         self._gate: ConnectGate | None = None
         self.metrics = Metrics(self)  # last: its collector reads the attributes above
+
+    def tenants(self) -> list[TenantReport]:
+        """Each tenant's Graph budget and throttling, for /status and the metrics."""
+        return self._graph.tenants() if self._graph is not None else []
 
     def request_reload(self) -> None:
         """Ask for the config file to be read again (safe to call from a signal handler)."""
@@ -269,7 +274,13 @@ class Supervisor:
         assert self._session is not None
         graph_changed = old is None or old.graph != new.graph
         if graph_changed:
-            self._graph = GraphClient(self._session, new.graph.base_url)
+            if self._graph is not None:
+                self._graph.close()
+            self._graph = GraphClient(
+                self._session,
+                new.graph.base_url,
+                requests_per_minute=new.graph.requests_per_minute,
+            )
             self._gate = ConnectGate(new.graph.connect_concurrency, new.graph.connect_rate)
 
         accounts_changed = {
@@ -306,7 +317,7 @@ class Supervisor:
         for name in webhooks_changed:
             self._start_dispatcher(name, new)
         for name in drives_changed:
-            self._start_watcher(new_drives[name], carried.get(name))
+            self._start_watcher(new_drives[name], carried.get(name), new)
         self._applied = new
         if old is not None:
             log.info(
@@ -356,11 +367,12 @@ class Supervisor:
             name=f"relayd-webhook-{name}",
         )
 
-    def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None = None) -> None:
+    def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None, config: Config) -> None:
         assert self._group is not None and self._graph is not None and self._gate is not None
         assert self.outbox is not None
         watcher = DriveWatcher(
             drive,
+            tenant=tenant_key(drive.account, config.accounts[drive.account]),
             graph=self._graph,
             tokens=self.tokens[drive.account],
             outbox=self.outbox,

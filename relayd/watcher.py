@@ -48,6 +48,7 @@ from relayd.graph import (
     travels_unencrypted,
 )
 from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.tenant import DEFAULT_TENANT
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
 RENEW_MARGIN = 120.0
@@ -148,10 +149,12 @@ def dedupe_key(item: Mapping[str, Any]) -> str:
 
 
 class ConnectGate:
-    """Paces endpoint fetches and connects across every drive of the process.
+    """Paces socket connects (to the push service) across every drive of the process.
 
     At most `concurrency` at once, and their starts spaced to at most `rate` per second: a
     process with thousands of drives starts (or reconnects after a blip) as a steady stream.
+    The Graph requests before them (endpoint fetches) are paced by their tenant's budget
+    instead (relayd/tenant.py).
     """
 
     def __init__(self, concurrency: int, rate: float) -> None:
@@ -358,9 +361,12 @@ class DriveWatcher:
         socket_session: aiohttp.ClientSession | None = None,
         gate: ConnectGate,
         inbox: Inbox | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
-        """`inbox`: what an earlier watcher of the same drive held, to go on from."""
+        """`inbox`: what an earlier watcher of the same drive held, to go on from; `tenant`:
+        whose Graph budget and throttling the drive's requests share (tenant.tenant_key)."""
         self.drive = drive
+        self.tenant = tenant
         self.status = DriveStatus()
         self._graph = graph
         self._tokens = tokens
@@ -369,7 +375,7 @@ class DriveWatcher:
         self._gate = gate
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
-            ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox)
+            ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox, tenant=tenant)
             if drive.mode == "changes"
             else None
         )
@@ -553,10 +559,15 @@ class DriveWatcher:
                 raise _TokenRefused
             raise AuthError(f"account {self.drive.account!r}: Graph refused a fresh token (401)")
 
+        # The endpoint fetch is a Graph request: it waits for its tenant's turn (budget, pause)
+        # outside the connect slot, so that a throttled tenant's drives never hold the slots
+        # every other tenant's drives wait for. The slot paces the socket connects.
+        subscription = await self._graph.socketio_endpoint(
+            self.drive.resource, bearer, tenant=self.tenant, drive=self.drive.name
+        )
+        self.status.endpoint = subscription.target.display
+        self._warn_if_unencrypted(subscription)
         async with self._gate.slot():
-            subscription = await self._graph.socketio_endpoint(self.drive.resource, bearer)
-            self.status.endpoint = subscription.target.display
-            self._warn_if_unencrypted(subscription)
             self._generation += 1
             connection = _Connection(self, subscription, self._generation)
             await connection.open()
