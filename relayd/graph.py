@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from relayd.config import resource_path
-from relayd.tenant import DEFAULT_TENANT, Priority, TenantGate, TenantReport
+from relayd.tenant import DEFAULT_TENANT, WINDOW, Priority, TenantGate, TenantReport
 
 # A notification is a few hundred bytes. Anything far larger is not one, and parsing it would
 # only let a broken or hostile peer spend our memory.
@@ -333,19 +333,24 @@ class GraphClient:
         *,
         timeout: float = 30.0,
         requests_per_minute: int = 600,
+        window: float = WINDOW,
     ):
+        """`window`: the budget's "minute"; only tests shorten it, to see a budget bind."""
         self._session = session
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self.requests_per_minute = requests_per_minute
+        self._window = window
         self._tenants: dict[str, TenantGate] = {}
 
     def tenant(self, name: str) -> TenantGate:
         """The tenant's gate, made at its first request."""
         gate = self._tenants.get(name)
         if gate is None:
-            gate = self._tenants[name] = TenantGate(name, self.requests_per_minute)
+            gate = self._tenants[name] = TenantGate(
+                name, self.requests_per_minute, window=self._window
+            )
         return gate
 
     def tenants(self) -> list[TenantReport]:

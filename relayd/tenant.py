@@ -203,7 +203,8 @@ class TenantBudget:
         return at
 
     def _forget(self, now: float) -> None:
-        while self._finished and self._finished[0] <= now - self.window:
+        # The same sum as next_check's: `now - window` could round the other way.
+        while self._finished and self._finished[0] + self.window <= now:
             self._finished.popleft()
 
     # -- throttling -------------------------------------------------------------------------------
@@ -271,10 +272,15 @@ class TenantGate:
     """
 
     def __init__(
-        self, name: str, per_minute: int, *, clock: Callable[[], float] = time.monotonic
+        self,
+        name: str,
+        per_minute: int,
+        *,
+        window: float = WINDOW,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
-        self.budget = TenantBudget(per_minute)
+        self.budget = TenantBudget(per_minute, window=window)
         self._clock = clock
         self._waiters: dict[Ticket, asyncio.Future[None]] = {}
         self._timer: asyncio.TimerHandle | None = None
