@@ -136,3 +136,19 @@ async def test_relayd_status_prints_a_table_from_the_running_daemon(
     assert row[0] == "d1"
     assert row[1] == "connected"
     assert row[-1] == "0"
+    # Then each tenant's Graph budget: used in the last minute of the budget, and throttling.
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("tenant")))
+    assert lines[header].split() == [
+        "tenant",
+        "last",
+        "minute",
+        "waiting",
+        "throttled",
+        "paused",
+        "until",
+    ]
+    tenant = lines[header + 1].split()
+    assert tenant[0] == "account:test"  # a token_file account is a tenant of its own
+    assert tenant[1] == "1/600"  # the endpoint fetch, and nothing else yet
+    assert tenant[2:] == ["0", "0s", "-"]
