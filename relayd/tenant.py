@@ -39,10 +39,10 @@ import structlog
 from relayd.config import AccountConfig
 
 WINDOW = 60.0  # Graph's budgets are per minute
-# A 429 without Retry-After: pause this long (what the Graph SDKs' retry handlers wait by
-# default) ...
+# A 429 without Retry-After: pause this long, doubling for each one in a row, up to the cap;
+# the Microsoft Graph SDKs' RetryHandlerOption defaults (Delay 3 s, at most 180 s).
 THROTTLE_INITIAL = 3.0
-THROTTLE_MAX = 300.0  # ... doubling for each one in a row, up to this
+THROTTLE_MAX = 180.0
 # MSAL's authorities that name no tenant: the account's tenant is only known after sign-in.
 UNNAMED_TENANTS = frozenset({"common", "organizations", "consumers"})
 DEFAULT_TENANT = "default"  # requests whose caller named no tenant (one budget for them all)
