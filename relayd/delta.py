@@ -168,7 +168,7 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Run rounds as triggers come due, until cancelled."""
-        self._schedule_poll()  # a drive that never connects still polls
+        self._schedule_poll()  # a drive that never connects (once it has a cursor) still polls
         while True:
             due = self._next_due()
             now = time.monotonic()
@@ -178,7 +178,11 @@ class ChangeFeed:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 self._wake.clear()
                 continue
-            await self.round(self._take_due(now))
+            reason = self._take_due(now)
+            if self._cursor is None:  # a poll before the drive ever got its cursor: next time
+                self._schedule_poll()
+                continue
+            await self.round(reason)
 
     def _next_due(self) -> float | None:
         candidates = []

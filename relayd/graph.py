@@ -356,11 +356,6 @@ class GraphClient:
     def tenants(self) -> list[TenantReport]:
         return [gate.report() for _, gate in sorted(self._tenants.items())]
 
-    def close(self) -> None:
-        """Stop the gates' timers (a reload replaced this client)."""
-        for gate in self._tenants.values():
-            gate.close()
-
     def drive_url(self, resource: str, tail: str) -> str:
         return f"{self.base_url}/{resource_path(resource)}/root/{tail}"
 

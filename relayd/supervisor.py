@@ -274,8 +274,6 @@ class Supervisor:
         assert self._session is not None
         graph_changed = old is None or old.graph != new.graph
         if graph_changed:
-            if self._graph is not None:
-                self._graph.close()
             self._graph = GraphClient(
                 self._session,
                 new.graph.base_url,

@@ -268,7 +268,9 @@ class TenantGate:
 
     Waiters are futures resolved by `_dispatch`, which runs whenever something changes (a
     request arrives, finishes, gives up) and, while requests wait for time to pass (a pause, a
-    full window), from one timer the gate owns: no task of its own.
+    full window), from one timer the gate owns: no task of its own. The timer is armed only
+    while requests wait, so a gate left behind (a reload replaced its client) winds down as
+    the requests in its line end.
     """
 
     def __init__(
@@ -341,11 +343,6 @@ class TenantGate:
             throttled_seconds=budget.throttled_seconds(now),
             throttled_until=time.time() + (budget.paused_until - now) if paused else None,
         )
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _dispatch(self) -> None:
         now = self._clock()

@@ -17,6 +17,7 @@ from support.waiting import wait_until
 from test_delta import FAST_CHANGES, changed_ids
 
 from relayd import supervisor as supervisor_module
+from relayd.delta import poll_delay
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.graph import GraphClient
 
@@ -123,6 +124,13 @@ async def test_a_429_pauses_every_request_of_its_tenant_for_retry_after_and_no_o
     after = {r.tenant: r for r in relay.supervisor.tenants()}["contoso"]
     assert 2.9 <= after.throttled_seconds <= 3.5
     assert after.throttled_until is None
+
+
+def test_the_poll_comes_due_within_its_interval_jittered_by_up_to_a_fifth() -> None:
+    assert poll_delay(3600, lambda: 0.0) == 3600
+    assert poll_delay(3600, lambda: 0.999) == pytest.approx(3600 * 0.8, rel=1e-3)
+    spread = {round(poll_delay(3600)) for _ in range(200)}
+    assert min(spread) >= 2880 and max(spread) <= 3600 and len(spread) > 100
 
 
 @pytest.mark.timeout(30)
