@@ -262,6 +262,7 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "renewals": status.renewals,
             "unstored": len(watcher.inbox),
             "webhooks": list(watcher.drive.webhook),
+            "tenant": watcher.tenant,  # whose Graph budget it shares (see "tenants")
         }
     return report
 

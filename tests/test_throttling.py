@@ -110,6 +110,7 @@ async def test_a_429_pauses_every_request_of_its_tenant_for_retry_after_and_no_o
     assert relay.watcher("a2").status.reconnects == 0
 
     # Visible: /status and the metrics say who is paused, for how long, and the budget.
+    assert status["drives"]["a2"]["tenant"] == "contoso"
     contoso = status["tenants"]["contoso"]
     assert contoso["throttled"] == 1
     assert contoso["throttled_until"] is not None
@@ -124,6 +125,40 @@ async def test_a_429_pauses_every_request_of_its_tenant_for_retry_after_and_no_o
     after = {r.tenant: r for r in relay.supervisor.tenants()}["contoso"]
     assert 2.9 <= after.throttled_seconds <= 3.5
     assert after.throttled_until is None
+
+
+@pytest.mark.timeout(60)
+async def test_a_429_to_an_endpoint_fetch_holds_back_the_tenants_reconnects_only(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    accounts = two_tenants(tmp_path, emulator)
+    drives = [
+        {"name": d, "account": tenant, "resource": f"drives/{d}", "webhook": "hook"}
+        for tenant, names in TENANTS.items()
+        for d in names
+    ]
+    relay = await start_relay(accounts=accounts, drives=drives)
+    for drive in ("a1", "a2", "b1"):
+        await relay.connected(drive)
+    emulator.throttle(retry_after=2, resource="drives/a1")
+    await emulator.kick("drives/a1")  # its reconnect's endpoint fetch is throttled
+    await wait_until(
+        lambda: {r.tenant: r for r in relay.supervisor.tenants()}["contoso"].throttled == 1,
+        what="a1's endpoint fetch throttled",
+    )
+    throttled_at = emulator.requests_of("contoso")[-1].at
+    await emulator.kick("drives/a2")
+    await emulator.kick("drives/b1")
+
+    def back(drive: str) -> bool:
+        return emulator.connects[f"drives/{drive}"] == 2 and emulator.connected(f"drives/{drive}")
+
+    await wait_until(lambda: back("b1"), what="b1 reconnected")
+    b1_back = time.monotonic()
+    await wait_until(lambda: back("a2") and back("a1"), what="a1 and a2 reconnected")
+    assert b1_back < throttled_at + 2.0  # the other tenant reconnected during the pause
+    a2_fetch = [r.at for r in emulator.requests_of("contoso") if r.resource == "drives/a2"][-1]
+    assert a2_fetch >= throttled_at + 2.0  # a2's endpoint fetch waited for the pause's end
 
 
 def test_the_poll_comes_due_within_its_interval_jittered_by_up_to_a_fifth() -> None:
