@@ -205,10 +205,12 @@ def write_config(
     secret: str | None,
     concurrency: int,
     log_level: str = "info",
+    ca_file: Path | None = None,
 ) -> Path:
     """A relayd config in `folder` (state, token and log beside it); returns its path.
 
     Admin server off (no port to collide with); JSON logs at `log_level`, as in production.
+    `ca_file`: the test CA of an emulator over TLS, as `tls.ca_file`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     token_file = folder / "token"
@@ -233,6 +235,8 @@ def write_config(
             for d in drives
         ],
     }
+    if ca_file is not None:
+        document["tls"] = {"ca_file": str(ca_file)}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(document, sort_keys=False))
     return path

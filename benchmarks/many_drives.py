@@ -1,6 +1,6 @@
 """Many drives in one relay: start-up time, memory per drive, idle CPU, Graph request rate.
 
-    python benchmarks/many_drives.py [--sizes 1000,5000] [--idle-seconds 30] [--json]
+    python benchmarks/many_drives.py [--sizes 1000,5000] [--idle-seconds 30] [--tls] [--json]
 
 For each size N, a fresh Graph emulator in this process (realistic ping interval: 25 s, timeout
 20 s) and one `python -m relayd run` child watching drives/d0001 ... drives/dNNNN, all relayed to
@@ -15,6 +15,9 @@ one webhook (SQLite outbox, signing on):
 * CPU % of one core while idle (pings only), from /proc/PID/stat utime+stime over
   `--idle-seconds` (default 30, so every socket's 25 s ping falls inside the window at least once);
 * time from SIGTERM until the relay has exited.
+
+With `--tls` the emulator serves https and wss with a certificate from a throwaway CA (trustme)
+that the relay trusts through `tls.ca_file`, as production runs: every socket is a TLS session.
 
 Both processes need two descriptors or so per drive (the websocket, and a pooled HTTP connection
 while start-up lasts); the soft RLIMIT_NOFILE is raised to fit (children inherit it).
@@ -53,6 +56,7 @@ from benchkit import (
 )
 
 from relayd.emulator import GraphEmulator
+from relayd.emulator.tls import ThrowawayCA, throwaway_ca
 
 SAMPLE_EVERY = 0.1
 
@@ -105,9 +109,24 @@ class Baseline:
     idle: Idle
 
 
-async def baseline(args: argparse.Namespace, workdir: Path) -> Baseline:
-    """A relay with no drives: what the process costs before the first drive."""
-    async with GraphEmulator(tokens=[TOKEN]) as emulator:
+@dataclass(frozen=True)
+class Tls:
+    """The throwaway CA of a --tls run and its certificate file (tls.ca_file)."""
+
+    authority: ThrowawayCA
+    ca_file: Path
+
+
+def emulator_for(tls: Tls | None) -> GraphEmulator:
+    return GraphEmulator(
+        tokens=[TOKEN], ssl_context=tls.authority.server_context if tls is not None else None
+    )
+
+
+async def baseline(args: argparse.Namespace, workdir: Path, tls: Tls | None) -> Baseline:
+    """A relay with no drives: what the process costs before the first drive (with the same
+    TLS setting, so KiB per drive counts the drives only)."""
+    async with emulator_for(tls) as emulator:
         config = write_config(
             workdir / "d0",
             graph_url=emulator.base_url,
@@ -115,6 +134,7 @@ async def baseline(args: argparse.Namespace, workdir: Path) -> Baseline:
             drives=[],
             secret=new_secret(),
             concurrency=8,
+            ca_file=tls.ca_file if tls is not None else None,
         )
         argv = relay_command(config, extra=args.runner)
         async with Child(argv, workdir / "d0" / "stderr.log") as child:
@@ -187,10 +207,10 @@ async def start_up(
 
 
 async def one_size(
-    args: argparse.Namespace, workdir: Path, count: int, base: Baseline
+    args: argparse.Namespace, workdir: Path, count: int, base: Baseline, tls: Tls | None
 ) -> SizeResult:
     folder = workdir / f"d{count}"
-    async with GraphEmulator(tokens=[TOKEN]) as emulator:
+    async with emulator_for(tls) as emulator:
         drives = [Drive(f"d{i:04d}", f"drives/d{i:04d}", "bench") for i in range(1, count + 1)]
         config = write_config(
             folder,
@@ -199,6 +219,7 @@ async def one_size(
             drives=drives,
             secret=new_secret(),
             concurrency=8,
+            ca_file=tls.ca_file if tls is not None else None,
         )
         timeout = 120.0 + count * 0.1
         argv = relay_command(config, extra=args.runner)
@@ -240,8 +261,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     limit = raise_nofile(4 * max(args.sizes) + 1024)
     with tempfile.TemporaryDirectory(prefix="relayd-drives-") as tmp:
         workdir = Path(tmp)
-        base = await baseline(args, workdir)
-        results = [await one_size(args, workdir, count, base) for count in args.sizes]
+        tls = None
+        if args.tls:
+            authority = throwaway_ca()
+            tls = Tls(authority, authority.write_ca(workdir / "test-ca.pem"))
+        base = await baseline(args, workdir, tls)
+        results = [await one_size(args, workdir, count, base, tls) for count in args.sizes]
         if args.keep_logs is not None:
             keep_logs(workdir, args.keep_logs)
     return {
@@ -255,6 +280,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "ping_timeout": 20,
             "nofile_soft_limit": limit,
             "runner": args.runner,
+            "tls": args.tls,
         },
         "baseline": {"rss_kib": base.rss_kib, "idle": _json(asdict(base.idle))},
         "sizes": [_json(asdict(r)) for r in results],
@@ -303,7 +329,8 @@ def render(document: dict[str, Any]) -> str:
             f"machine: {machine_line(document['machine'])}",
             f"emulator pings every {settings['ping_interval']} s; idle measured over"
             f" {settings['idle_seconds']:g} s after {settings['settle_seconds']:g} s settling;"
-            f" RLIMIT_NOFILE soft {settings['nofile_soft_limit']}",
+            f" RLIMIT_NOFILE soft {settings['nofile_soft_limit']};"
+            + (" https/wss (test CA)" if settings.get("tls") else " plain http/ws"),
             f"relay with 0 drives: RSS {base['rss_kib'] / 1024:.1f} MiB,"
             f" idle CPU {base['idle']['relay_cpu_pct']:.2f} % of one core",
             "",
@@ -347,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--keep-logs", type=Path, default=None, help="copy the relays' stderr logs to this folder"
+    )
+    parser.add_argument(
+        "--tls", action="store_true", help="emulator over https/wss, trusted via tls.ca_file"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)

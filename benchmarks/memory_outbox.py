@@ -19,7 +19,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from relayd.outbox import AttemptResult, Delivery, NewDelivery, OutboxError, Router, State
+from relayd.outbox import (
+    AttemptResult,
+    Backlog,
+    Delivery,
+    NewDelivery,
+    OutboxError,
+    Router,
+    State,
+)
 
 
 @dataclass(slots=True)
@@ -235,12 +243,14 @@ class MemoryOutbox:
         self._check()
         return 0  # delivered rows are dropped as soon as they are recorded
 
-    async def backlog(self) -> tuple[dict[str, int], dict[str, float]]:
+    async def backlog(self) -> Backlog:
         self._check()
         counts: dict[str, int] = {}
         oldest: dict[str, float] = {}
+        per_drive: dict[str, int] = {}
         for row in self._rows.values():
             if row.state in (State.PENDING, State.INFLIGHT):
                 counts[row.webhook] = counts.get(row.webhook, 0) + 1
                 oldest[row.webhook] = min(oldest.get(row.webhook, row.created), row.created)
-        return counts, oldest
+                per_drive[row.drive] = per_drive.get(row.drive, 0) + 1
+        return Backlog(counts=counts, oldest=oldest, per_drive=per_drive)

@@ -8,16 +8,25 @@ nothing for them; delivery outcomes and latency are observed as they happen.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
+from relayd import __version__
 from relayd.outbox import AttemptResult, State
 from relayd.watcher import DriveState
 
@@ -44,7 +53,19 @@ class Metrics:
     """Every series relayd exports, in a registry of its own (one per supervisor)."""
 
     def __init__(self, supervisor: Supervisor) -> None:
+        # A `_created` series per counter and histogram doubles what is scraped and stored for
+        # a timestamp nobody graphs (Prometheus reads counter resets without it).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
+        # The standard process_* series (CPU, memory, open files, start time); Linux only.
+        ProcessCollector(registry=self.registry)
+        self.build_info = Gauge(
+            "relayd_build_info",
+            "Always 1; the labels say which relayd and Python run.",
+            ["version", "python"],
+            registry=self.registry,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.deliveries = Counter(
             "relayd_deliveries",
             "Delivery attempts by webhook and outcome (delivered, retry, dead).",
@@ -122,6 +143,27 @@ class _RelayCollector(Collector):
             "Notifications received and held in memory, not yet in the outbox, per drive.",
             labels=["drive"],
         )
+        waiting = GaugeMetricFamily(
+            "relayd_drive_backlog",
+            "Deliveries waiting in the outbox that came from the drive (all its webhooks).",
+            labels=["drive"],
+        )
+        rounds = CounterMetricFamily(
+            "relayd_delta_rounds",
+            "Delta rounds completed (changes mode), per drive.",
+            labels=["drive"],
+        )
+        items = CounterMetricFamily(
+            "relayd_delta_items",
+            "Changed items posted by delta rounds, per drive.",
+            labels=["drive"],
+        )
+        lag = GaugeMetricFamily(
+            "relayd_delta_lag_seconds",
+            "Age of the oldest notification no delta round has covered yet (0: none), per drive.",
+            labels=["drive"],
+        )
+        now_monotonic = time.monotonic()
         for name, watcher in supervisor.watchers.items():
             status = watcher.status
             for field, family in counters.items():
@@ -130,7 +172,12 @@ class _RelayCollector(Collector):
             for candidate in DriveState:
                 state.add_metric([name, candidate.value], 1 if status.state is candidate else 0)
             unstored.add_metric([name], len(watcher.inbox))
-        yield from (*counters.values(), connected, state, unstored)
+            waiting.add_metric([name], supervisor.backlog.per_drive.get(name, 0))
+            if watcher.feed is not None:
+                rounds.add_metric([name], watcher.feed.rounds)
+                items.add_metric([name], watcher.feed.items)
+                lag.add_metric([name], watcher.feed.lag(now_monotonic))
+        yield from (*counters.values(), connected, state, unstored, waiting, rounds, items, lag)
         yield from _store_metrics(supervisor)
 
         refreshes = CounterMetricFamily(
@@ -152,13 +199,27 @@ class _RelayCollector(Collector):
             "Age of the oldest notification waiting for delivery, per webhook.",
             labels=["webhook"],
         )
+        dead = GaugeMetricFamily(
+            "relayd_outbox_dead_letters",
+            "Dead letters kept in the outbox (until purged or pruned), per webhook.",
+            labels=["webhook"],
+        )
+        failing = GaugeMetricFamily(
+            "relayd_webhook_failing",
+            "1 while the webhook is failing (from its first failed attempt to its recovery).",
+            labels=["webhook"],
+        )
         snapshot = supervisor.backlog
         now = time.time()
         for webhook in sorted(set(supervisor.dispatchers) | set(snapshot.counts)):
             count, created = snapshot.counts.get(webhook, 0), snapshot.oldest.get(webhook)
             backlog.add_metric([webhook], count)
             oldest.add_metric([webhook], 0.0 if created is None else max(0.0, now - created))
-        yield from (backlog, oldest)
+        for webhook in sorted(set(supervisor.dispatchers) | set(snapshot.dead)):
+            dead.add_metric([webhook], snapshot.dead.get(webhook, 0))
+        for webhook, dispatcher in sorted(supervisor.dispatchers.items()):
+            failing.add_metric([webhook], 1 if dispatcher.outage.failing else 0)
+        yield from (backlog, oldest, dead, failing)
         yield from _tenant_metrics(supervisor)
 
 
@@ -261,10 +322,68 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "reconnects": status.reconnects,
             "renewals": status.renewals,
             "unstored": len(watcher.inbox),
+            "backlog": supervisor.backlog.per_drive.get(name, 0),
+            "account": watcher.drive.account,
             "webhooks": list(watcher.drive.webhook),
             "tenant": watcher.tenant,  # whose Graph budget it shares (see "tenants")
         }
     return report
+
+
+def webhook_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
+    """What `relayd status` shows per webhook: health, what waits, what died."""
+    snapshot = supervisor.backlog
+    report = {}
+    for name, dispatcher in supervisor.dispatchers.items():
+        outage = dispatcher.outage
+        report[name] = {
+            "healthy": not outage.failing,
+            "failing_since": _wall_clock(outage.failing_since),
+            "last_error": outage.last_error,
+            "last_status": dispatcher.last_status if outage.failing else None,
+            "backlog": snapshot.counts.get(name, 0),
+            "oldest_waiting": snapshot.oldest.get(name),
+            "dead_letters": snapshot.dead.get(name, 0),
+            "next_retry_due": dispatcher.next_retry_due,
+        }
+    return report
+
+
+def account_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
+    """Whether each account's tokens work, as its drives found out: a connected drive had its
+    token accepted by Graph (the endpoint fetch) and by the push service."""
+    report: dict[str, dict[str, Any]] = {}
+    for name in supervisor.config.accounts:
+        watchers = [w for w in supervisor.watchers.values() if w.drive.account == name]
+        states = [w.status.state for w in watchers]
+        connected = states.count(DriveState.CONNECTED)
+        if DriveState.NEEDS_LOGIN in states:
+            token = "needs_login"
+        elif connected:
+            token = "accepted"
+        elif watchers:
+            token = "unknown"  # no drive connected yet: nothing proves the token either way
+        else:
+            token = "unused"
+        problems = [
+            w.status.last_error
+            for w in watchers
+            if w.status.state is DriveState.NEEDS_LOGIN and w.status.last_error
+        ]
+        report[name] = {
+            "token": token,
+            "drives": len(watchers),
+            "connected": connected,
+            "last_error": problems[0] if problems else None,
+        }
+    return report
+
+
+def _wall_clock(monotonic: float | None) -> float | None:
+    """A time.monotonic() moment as Unix time, for people."""
+    if monotonic is None:
+        return None
+    return time.time() - (time.monotonic() - monotonic)
 
 
 def is_ready(supervisor: Supervisor) -> bool:
@@ -296,7 +415,10 @@ def build_app(supervisor: Supervisor) -> web.Application:
         snapshot = supervisor.backlog
         body = {
             "ready": is_ready(supervisor),
+            "daemon": supervisor.identity(),
             "drives": drive_report(supervisor),
+            "webhooks": webhook_report(supervisor),
+            "accounts": account_report(supervisor),
             "outbox": outbox_report(supervisor),
             "lost": supervisor.lost,
             "backlog": snapshot.counts,

@@ -373,8 +373,9 @@ class HttpClient(Protocol):
     def post(self, url: str, **kwargs: Any) -> Any: ...
 
 
-# None: MSAL's own requests session, i.e. the real sign-in service. Tests set this to a fake login
-# service so that the CLI commands, which have no http_client parameter, run without a network.
+# None: the client each account was given (relayd's sign-in session: its CA and proxy), else
+# MSAL's own. Tests set this to a fake login service, which then wins over any given client, so
+# that the daemon and the CLI commands sign in without a network.
 default_http_client: HttpClient | None = None
 
 
@@ -588,7 +589,7 @@ class MsalAccount:
     # ---- internals -----------------------------------------------------------------------------
 
     def _application(self, cache: Any) -> Any:
-        client = self._http_client if self._http_client is not None else default_http_client
+        client = default_http_client if default_http_client is not None else self._http_client
         try:
             return msal.PublicClientApplication(
                 self.client_id,

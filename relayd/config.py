@@ -16,16 +16,19 @@ message or in a model's repr: they may be credentials.
 
 import base64
 import binascii
+import difflib
 import ipaddress
 import math
 import os
 import re
 import shlex
+import ssl
+import types
 import urllib.parse
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal, Self
+from typing import Annotated, Any, ClassVar, Final, Literal, Self, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -51,6 +54,7 @@ __all__ = [
     "LogConfig",
     "OutboxConfig",
     "RetryConfig",
+    "TlsConfig",
     "WebhookConfig",
     "load_config",
     "parse_config",
@@ -373,6 +377,29 @@ _DurationOrZero = Annotated[float, _duration(allow_zero=True)]
 _Size = Annotated[int, BeforeValidator(parse_size)]
 _Name = Annotated[str, AfterValidator(_check_name)]
 _HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+_GRAPH_VERSION: Final = re.compile(r"v\d+(\.\d+)?|beta")
+
+
+def _check_proxy_url(value: str) -> str:
+    # Not quoted in the message: a proxy URL may hold a password.
+    if value == "":
+        return value  # explicitly no proxy: go direct
+    problem = _Invalid('expected http://[user:password@]host[:port], or "" for no proxy')
+    if any(char.isspace() for char in value):
+        raise problem
+    parts = urllib.parse.urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise problem from None
+    # aiohttp talks to a proxy in plain HTTP (CONNECT for https targets); an https:// proxy URL
+    # would mean something else to it than to requests (sign-in), so only http:// is accepted.
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise problem
+    return value
+
+
+_ProxyUrl = Annotated[str, AfterValidator(_check_proxy_url)]
 _Secret = Annotated[str, AfterValidator(_check_secret)]
 
 
@@ -442,11 +469,43 @@ class GraphConfig(_Model):
     # Graph requests per tenant in any 60 s (docs/throttling.md): half of SharePoint's 1,200
     # resource units a minute for the smallest tenants, so relayd leaves room for other apps.
     requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 600
+    # The proxy for everything towards Microsoft (Graph, the push socket, sign-in): None follows
+    # HTTPS_PROXY/HTTP_PROXY/NO_PROXY, "" goes direct. May hold a password: never shown.
+    proxy: _ProxyUrl | None = Field(default=None, repr=False)
 
     @field_validator("base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
-        return value.rstrip("/")
+        value = value.rstrip("/")
+        # Every request path is appended to base_url: without the version, the first one
+        # (".../me/drive/root/subscriptions/socketIo") would answer a puzzling 400 at run time.
+        last = urllib.parse.urlsplit(value).path.rsplit("/", 1)[-1]
+        if not _GRAPH_VERSION.fullmatch(last):
+            raise _Invalid(
+                "must end with Graph's API version, e.g. https://graph.microsoft.com/v1.0"
+            )
+        return value
+
+
+class TlsConfig(_Model):
+    """Trust for every TLS connection relayd makes; the system's CAs always count."""
+
+    # A PEM bundle of extra CAs (a corporate or test CA), read when the config is loaded.
+    ca_file: Path | None = None
+
+    @field_validator("ca_file", mode="before")
+    @classmethod
+    def _check_ca_file(cls, value: object, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        path = _resolve_path(value, info)
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=str(path))
+        except ssl.SSLError:  # an OSError too: first
+            raise _Invalid(f"{path} holds no PEM certificate that can be used as a CA") from None
+        except OSError as exc:
+            raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+        return path
 
 
 class AdminConfig(_Model):
@@ -604,7 +663,21 @@ class AccountConfig(_Model):
     @field_validator("token_file", mode="before")
     @classmethod
     def _resolve_token_file(cls, value: object, info: ValidationInfo) -> object:
-        return None if value is None else _resolve_path(value, info)
+        if value is None:
+            return None
+        path = _resolve_path(value, info)
+        # The daemon reads the file at every token request, so a file that a sidecar writes
+        # after the start is fine there; `check-config` asks for it to be readable now.
+        if _context(info).get("check_files"):
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                problem = exc.strerror or type(exc).__name__
+                raise _Invalid(
+                    f"cannot read {path}: {problem}", redacted=f"cannot read the file: {problem}"
+                ) from None
+        return path
 
     @model_validator(mode="after")
     def _check_source(self) -> Self:
@@ -649,6 +722,8 @@ class WebhookConfig(_Model):
     concurrency: int = Field(default=8, ge=1, le=256)
     ordered: bool = False
     retry: RetryConfig = RetryConfig()
+    # This webhook's proxy: None follows HTTPS_PROXY/HTTP_PROXY/NO_PROXY, "" goes direct.
+    proxy: _ProxyUrl | None = Field(default=None, repr=False)
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -775,6 +850,7 @@ class DriveConfig(_Model):
 
 class Config(_Model):
     graph: GraphConfig = GraphConfig()
+    tls: TlsConfig = TlsConfig()
     state_dir: Path = Field(default_factory=lambda: Path("state").absolute())
     shutdown_grace: _DurationOrZero = 5.0
     admin: AdminConfig = AdminConfig()
@@ -1071,15 +1147,38 @@ class _Builder:
         return list(own.values())
 
 
-def _yaml_problem(exc: yaml.YAMLError) -> tuple[int | None, str]:
+def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
     if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
         return None, f"invalid YAML: {exc}"
-    line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
-    message = f"invalid YAML: {exc.problem}"
+    mark = exc.problem_mark
+    if mark is None:
+        return None, f"invalid YAML: {exc.problem}"
+    message = f"invalid YAML at column {mark.column + 1}: {exc.problem}"
     if exc.context:
         context_line = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
         message += f" ({exc.context}{context_line})"
-    return line, message
+    lines = text.splitlines()
+    if mark.line < len(lines):
+        number = str(mark.line + 1)
+        message += (
+            f"\n  {number} | {_masked_source_line(lines[mark.line])}"
+            f"\n  {' ' * len(number)} | {' ' * mark.column}^"
+        )
+    return mark.line + 1, message
+
+
+# A line shown from a file that does not parse: its key is all we know, so a value after a key
+# that may hold a credential is hidden, and so is anything shaped like a webhook secret.
+_SENSITIVE_LINE: Final = re.compile(
+    r"^(\s*(?:-\s+)?[\"']?[\w.-]*(?:secret|token|password|authorization|headers|key)[\w.-]*"
+    r"[\"']?\s*:).*$",
+    re.IGNORECASE,
+)
+
+
+def _masked_source_line(line: str) -> str:
+    line = _SENSITIVE_LINE.sub(r"\1 <hidden>", line)
+    return re.sub(r"whsec_\S+", "whsec_<hidden>", line)
 
 
 def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Document:
@@ -1092,7 +1191,8 @@ def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Documen
     try:
         root = loader.get_single_node()
         if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
-            return _Document()  # an empty file: all defaults
+            # A truncated file must not reload into a relay with no drives at all.
+            raise fail(None, "the file is empty; see config.example.yaml for what goes in it")
         if not isinstance(root, yaml.MappingNode):
             raise fail(root.start_mark.line + 1, "the top level must be a mapping of settings")
         builder = _Builder(loader, env)
@@ -1100,7 +1200,7 @@ def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Documen
         builder.doc.data = data if isinstance(data, dict) else {}
         return builder.doc
     except yaml.YAMLError as exc:
-        raise fail(*_yaml_problem(exc)) from None
+        raise fail(*_yaml_problem(exc, text)) from None
     except _TooLarge:
         raise fail(None, "the document is too large (too many YAML aliases?)") from None
     finally:
@@ -1110,7 +1210,7 @@ def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Documen
 # --------------------------------------------------------------------------- errors -> issues
 
 # Keys whose values may be credentials: problems there never quote the value.
-_SENSITIVE_KEYS: Final = frozenset({"secret", "headers", "token_command", "token_file"})
+_SENSITIVE_KEYS: Final = frozenset({"secret", "headers", "token_command", "token_file", "proxy"})
 _APPLICATION_CREDENTIAL_KEYS: Final = frozenset(
     {"client_secret", "client_credential", "certificate", "client_certificate", "certificate_path"}
 )
@@ -1161,6 +1261,55 @@ def _lookup(data: object, loc: Loc) -> object:
             continue
         return _MISSING
     return data
+
+
+def _model_at(loc: Loc) -> type[BaseModel] | None:
+    """The config model that holds the keys at `loc` (("drives", 0) is a DriveConfig), if any."""
+    current: object = Config
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field_info = current.model_fields.get(str(part))
+            if field_info is None:
+                return None
+            current = field_info.annotation
+            continue
+        # A collection in between: dict[name, Model] takes a key, tuple[Model, ...] an index.
+        current = _unwrap(current)
+        origin, args = get_origin(current), get_args(current)
+        if origin is dict and len(args) == 2:
+            current = args[1]
+        elif origin is tuple and args:
+            current = args[0]
+        else:
+            return None
+    current = _unwrap(current)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _unwrap(annotation: object) -> object:
+    """`Annotated[X, ...]` and `X | None` stand for X here."""
+    while get_origin(annotation) is Annotated:
+        annotation = get_args(annotation)[0]
+    if get_origin(annotation) in (Union, types.UnionType):
+        options = [arg for arg in get_args(annotation) if arg is not type(None)]
+        if len(options) == 1:
+            return _unwrap(options[0])
+    return annotation
+
+
+def _known_keys(loc: Loc) -> list[str]:
+    model = _model_at(loc)
+    return [] if model is None else list(model.model_fields)
+
+
+def _suggestion(key: str, known: Sequence[str]) -> str:
+    """ "; did you mean 'webhook'?" for a near miss, else the keys that are allowed there."""
+    if not known:
+        return ""
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; expected one of: {', '.join(sorted(known))}"
 
 
 @dataclass
@@ -1218,7 +1367,7 @@ class _Reporter:
         if kind == "extra_forbidden":
             if len(loc) == 3 and loc[0] == "accounts" and loc[2] in _APPLICATION_CREDENTIAL_KEYS:
                 return _Invalid(_APPLICATION_CREDENTIAL_MESSAGE)
-            return _Invalid("unknown key")
+            return _Invalid("unknown key" + _suggestion(str(loc[-1]), _known_keys(loc[:-1])))
         if kind == "missing":
             # Present but empty (`url:`) is not the same mistake as a forgotten key.
             return _Invalid(
@@ -1235,11 +1384,19 @@ class _Reporter:
 # --------------------------------------------------------------------------- entry points
 
 
-def parse_config(text: str, *, filename: str, env: Mapping[str, str], base_dir: Path) -> Config:
+def parse_config(
+    text: str,
+    *,
+    filename: str,
+    env: Mapping[str, str],
+    base_dir: Path,
+    check_files: bool = False,
+) -> Config:
     """Validate configuration ``text``; ``filename`` is only used in messages.
 
     Relative paths in the file are taken relative to ``base_dir`` (the config file's folder).
-    Raises :class:`ConfigError` listing every problem found.
+    ``check_files`` also requires files the daemon only reads later (token_file) to be readable
+    now, as `relayd check-config` does. Raises :class:`ConfigError` listing every problem found.
     """
     doc = _read_document(text, env, filename)
     reporter = _Reporter(filename, doc)
@@ -1249,7 +1406,12 @@ def parse_config(text: str, *, filename: str, env: Mapping[str, str], base_dir: 
         for problem in _raw_reference_problems(doc.data, doc.lines)
         if not reporter.is_unusable(problem.at)
     ]
-    context = {"base_dir": base_dir.absolute(), "env": env, "references_checked": True}
+    context = {
+        "base_dir": base_dir.absolute(),
+        "env": env,
+        "references_checked": True,
+        "check_files": check_files,
+    }
     try:
         config = Config.model_validate(doc.data, context=context)
     except ValidationError as exc:
@@ -1260,7 +1422,12 @@ def parse_config(text: str, *, filename: str, env: Mapping[str, str], base_dir: 
     return config
 
 
-def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None) -> Config:
+def load_config(
+    path: str | os.PathLike[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    check_files: bool = False,
+) -> Config:
     """Read and validate the configuration file at ``path``.
 
     ``env`` (default: ``os.environ``) supplies ``${VAR}`` substitutions and
@@ -1281,4 +1448,5 @@ def load_config(path: str | os.PathLike[str], *, env: Mapping[str, str] | None =
         filename=filename,
         env=os.environ if env is None else env,
         base_dir=Path(path).absolute().parent,
+        check_files=check_files,
     )

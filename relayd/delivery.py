@@ -13,9 +13,9 @@ import collections
 import contextlib
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 import structlog
@@ -23,6 +23,8 @@ import structlog
 from relayd import __version__
 from relayd.config import RetryConfig, WebhookConfig
 from relayd.graph import parse_retry_after
+from relayd.network import describe_connection_error
+from relayd.outage import Outage, Report, log_report
 from relayd.outbox import AttemptResult, Delivery, Outbox, OutboxError, State
 from relayd.signing import decode_secret, signature_headers
 
@@ -153,8 +155,11 @@ class Dispatcher:
         *,
         clock: Callable[[], float] = time.time,
         on_result: Callable[[str, AttemptResult], None] | None = None,
+        request_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """`request_options`: extra aiohttp arguments for every delivery (the proxy to use)."""
         self.name = name
+        self._request_options = dict(request_options or {})
         self._on_result = on_result
         self.config = config
         self._outbox = outbox
@@ -183,6 +188,14 @@ class Dispatcher:
         # recorded after its slot is free, so the store's commit is not part of the cycle.
         self._posting: set[int] = set()
         self._log = log.bind(webhook=name)
+        # Attempts are logged one by one at debug level only; the outage is what is logged.
+        self.outage = Outage()
+        self.last_status: int | None = None  # of the last failed attempt, for `relayd status`
+
+    @property
+    def next_retry_due(self) -> float | None:
+        """When the earliest retry this dispatcher knows of is due (the clock's time)."""
+        return self._next_due
 
     def wake(self) -> None:
         """New rows for this webhook are waiting in the store."""
@@ -368,6 +381,7 @@ class Dispatcher:
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
+                **self._request_options,
             ) as response:
                 answer = await response.content.read(RESPONSE_KEEP)
                 return Attempt(
@@ -380,7 +394,7 @@ class Dispatcher:
         except TimeoutError:
             error = f"timeout after {self.config.timeout:g}s"
         except aiohttp.ClientError as exc:
-            error = f"{type(exc).__name__}: {exc}"
+            error = describe_connection_error(exc) or f"{type(exc).__name__}: {exc}"
         return Attempt(
             status=None,
             error=error,
@@ -397,12 +411,25 @@ class Dispatcher:
             "status": result.status,
             "latency_ms": round((result.latency or 0) * 1000, 1),
         }
+        now = time.monotonic()
         if result.state is State.DELIVERED:
             self._log.debug("delivered", **fields)
-        elif result.state is State.PENDING:
+            self._tell(self.outage.succeeded(now))
+            return
+        if result.state is State.PENDING:
             retry_in = round((result.next_attempt or 0) - result.attempted_at, 1)
-            self._log.warning(
+            self._log.debug(
                 "delivery failed, will retry", error=result.error, retry_in=retry_in, **fields
             )
         else:
             self._log.error("delivery failed, dead-lettered", error=result.error, **fields)
+        self.last_status = result.status
+        self._tell(self.outage.failed(now, result.error or "failed"))
+
+    def check_health(self, waiting: int) -> None:
+        """Called now and then: logs the recovery (or a summary) when one is due, also when no
+        attempt is being made."""
+        self._tell(self.outage.tick(time.monotonic(), waiting=waiting))
+
+    def _tell(self, report: Report | None) -> None:
+        log_report(self._log, f"webhook {self.name}", report)

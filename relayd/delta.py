@@ -134,6 +134,11 @@ class ChangeFeed:
         self._catch_up = reason
         self._wake.set()
 
+    def lag(self, now: float) -> float:
+        """Seconds since the oldest notification no round has covered yet (0: none waits);
+        `now` on the monotonic clock."""
+        return 0.0 if self._first is None else max(0.0, now - self._first)
+
     # -- the cursor -------------------------------------------------------------------------------
 
     async def ensure_cursor(self) -> None:

@@ -9,24 +9,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
+import time
 from pathlib import Path
 
 from relayd.cli import serve
 from relayd.config import parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest
+from relayd.signing import decode_secret, verify
 
 DEMO_TOKEN = "demo-token"
 DEMO_SECRET = "whsec_ZGVtby1zZWNyZXQtZm9yLXJlbGF5ZC1kZW1vLW9ubHk="
 
 
 def _print_delivery(request: ReceivedRequest) -> None:
+    """Print what arrived, with the signature checked the way a receiver checks it."""
     body = request.json()
     item = body.get("data", {}).get("notification", {})
+    problem = verify(decode_secret(DEMO_SECRET), request.headers, request.body, now=time.time())
     print(
         f"webhook received {body.get('type')} #{item.get('relaydEmulatorSeq')} for drive"
         f" {body.get('data', {}).get('drive')!r}  webhook-id={request.headers.get('webhook-id')}"
-        f" signed={'webhook-signature' in request.headers}",
+        f" signature={'verified' if problem is None else 'INVALID (' + problem + ')'}",
         flush=True,
     )
 

@@ -332,11 +332,14 @@ class GraphClient:
         base_url: str,
         *,
         timeout: float = 30.0,
+        request_options: Mapping[str, Any] | None = None,
         requests_per_minute: int = 600,
         window: float = WINDOW,
     ):
-        """`window`: the budget's "minute"; only tests shorten it, to see a budget bind."""
+        """`request_options`: extra aiohttp arguments for every request (the proxy to use);
+        `window`: the budget's "minute" (only tests shorten it, to see a budget bind)."""
         self._session = session
+        self._request_options = dict(request_options or {})
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -402,6 +405,7 @@ class GraphClient:
                     headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
                     timeout=self._timeout,
                     allow_redirects=False,
+                    **self._request_options,
                 ) as response,
             ):
                 body = await response.read()

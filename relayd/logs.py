@@ -16,7 +16,8 @@ import json
 import logging
 import re
 import sys
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -34,6 +35,8 @@ _PATTERNS = (
     (re.compile(r"(Bearer\s+)[A-Za-z0-9._~+/=-]+", re.IGNORECASE), r"\1***"),
     (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "***jwt***"),
     (re.compile(r"whsec_[A-Za-z0-9+/=]+"), "whsec_***"),
+    # user:password in a URL (a proxy's, mostly: http://user:pass@proxy:3128)
+    (re.compile(r"(://)[^/\s:@\"'<>]+:[^/\s@\"'<>]*@"), r"\1***@"),
 )
 
 
@@ -84,19 +87,70 @@ def _redact_event(
     return event
 
 
-class _LineWriter:
-    """A structlog logger writing each line to a stream, or to whatever sys.stderr is *now*
-    (a test runner or a daemoniser may swap it after logging was set up)."""
+@dataclass
+class _Settings:
+    """What the last configure() asked for. Loggers bound before it (every drive's, every
+    webhook's) read these at each call, so a reload's new level or format reaches them too."""
 
-    def __init__(self, stream: TextIO | None) -> None:
-        self._stream = stream
+    level: int = logging.INFO
+    render: Callable[[Any, str, MutableMapping[str, Any]], Any] = field(
+        default_factory=structlog.processors.JSONRenderer
+    )
+    stream: TextIO | None = None  # None: whatever sys.stderr is at each line
+
+
+_settings = _Settings()
+
+
+class _LineWriter:
+    """A structlog logger writing each line to the configured stream, or to whatever sys.stderr
+    is *now* (a test runner or a daemoniser may swap it after logging was set up)."""
 
     def msg(self, message: str) -> None:
-        stream = self._stream or sys.stderr
+        stream = _settings.stream or sys.stderr
         stream.write(message + "\n")
         stream.flush()
 
     debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+
+def _render(logger: Any, method: str, event: MutableMapping[str, Any]) -> Any:
+    return _settings.render(logger, method, event)
+
+
+class _BoundLogger(structlog.BoundLoggerBase):
+    """structlog's filtering logger, but against the level in force now rather than the one at
+    bind time; a call below it costs one comparison."""
+
+    def _at(
+        self, level: int, method: str, event: str | None, args: tuple[Any, ...], kw: Any
+    ) -> Any:
+        if level < _settings.level:
+            return None
+        if args and isinstance(event, str):
+            event = event % args
+        return self._proxy_to_logger(method, event, **kw)
+
+    def debug(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.DEBUG, "debug", event, args, kw)
+
+    def info(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.INFO, "info", event, args, kw)
+
+    def warning(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.WARNING, "warning", event, args, kw)
+
+    warn = warning
+
+    def error(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.ERROR, "error", event, args, kw)
+
+    def exception(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        kw.setdefault("exc_info", True)
+        return self._at(logging.ERROR, "error", event, args, kw)
+
+    def critical(self, event: str | None = None, *args: Any, **kw: Any) -> Any:
+        return self._at(logging.CRITICAL, "critical", event, args, kw)
 
 
 class _RedactingHandler(logging.Handler):
@@ -180,13 +234,15 @@ def _escape_line_breaks(text: str) -> str:
 
 
 def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    """Set up structlog and the standard library's logging for the whole process."""
+    """Set up structlog and the standard library's logging for the whole process; called again
+    (a reload), it applies to every logger at once, also those bound before."""
     numeric = logging.getLevelName(level.upper())
-    renderer: Any
+    _settings.level = numeric
+    _settings.stream = stream
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+        _settings.render = structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
     else:
-        renderer = structlog.processors.JSONRenderer()
+        _settings.render = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -194,10 +250,10 @@ def configure(level: str = "info", fmt: str = "json", stream: TextIO | None = No
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _redact_event,
-            renderer,
+            _render,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=lambda *_: _LineWriter(stream),
+        wrapper_class=_BoundLogger,
+        logger_factory=lambda *_: _LineWriter(),
         cache_logger_on_first_use=False,
     )
     _route_every_record_to(_RedactingHandler(stream, fmt), max(numeric, logging.WARNING))

@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
@@ -60,7 +60,8 @@ WAL_CHECKPOINT_BYTES_FULL = 256 << 10
 RESERVE_SUFFIX = ".reserve"
 ROOM_CHECK_INTERVAL = 1.0  # while full, how often a new notification may look for room again
 
-SCHEMA_VERSION = 1
+# 2 (this branch's attempts table): every failed attempt of a row, for `relayd outbox show`.
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     id            INTEGER PRIMARY KEY,
@@ -87,6 +88,17 @@ CREATE INDEX IF NOT EXISTS deliveries_queue ON deliveries (webhook, state, next_
 DROP INDEX IF EXISTS deliveries_finished;
 CREATE INDEX IF NOT EXISTS deliveries_done ON deliveries (state, finished)
     WHERE finished IS NOT NULL;
+-- Every failed attempt, for `relayd outbox show`. A row's last attempt is also on the row, and a
+-- successful one only there: the usual delivery (delivered at the first try) writes nothing here.
+CREATE TABLE IF NOT EXISTS attempts (
+    delivery_id   INTEGER NOT NULL,
+    at            REAL    NOT NULL,
+    status        INTEGER,
+    error         TEXT,
+    latency       REAL,
+    response      TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_of ON attempts (delivery_id, at);
 CREATE TABLE IF NOT EXISTS drives (
     name          TEXT    PRIMARY KEY,
     resource      TEXT    NOT NULL,
@@ -175,10 +187,21 @@ class Filter:
     state: State | None = None
     since: float | None = None  # created at or after (Unix seconds)
     until: float | None = None  # created before
+    ids: tuple[int, ...] = ()  # these rows only
+
+    @property
+    def narrows(self) -> bool:
+        """Whether it picks rows out at all (a state alone still reaches every webhook)."""
+        return any(
+            value is not None for value in (self.webhook, self.drive, self.since, self.until)
+        ) or bool(self.ids)
 
     def where(self) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
+        if self.ids:
+            clauses.append(f"id IN ({', '.join('?' * len(self.ids))})")
+            params.extend(self.ids)
         for column, value in (("webhook", self.webhook), ("drive", self.drive)):
             if value is not None:
                 clauses.append(f"{column} = ?")
@@ -198,6 +221,21 @@ class Filter:
 
 
 REPLAYABLE = (State.DEAD, State.PENDING)  # what `replay` reaches: dead rows unless asked
+RESENDABLE = (
+    State.DELIVERED,
+    State.DEAD,
+)  # what `resend` reaches: finished rows, both unless asked
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in the outbox: rows per webhook (and the oldest one's creation time), rows
+    per drive that produced them, and dead letters per webhook."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    oldest: dict[str, float] = field(default_factory=dict)
+    per_drive: dict[str, int] = field(default_factory=dict)
+    dead: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -1040,6 +1078,7 @@ class Outbox:
 
     async def record(self, results: Iterable[AttemptResult]) -> None:
         """Store what attempts came to: delivered, dead, or pending again with a next attempt."""
+        results = list(results)
         rows = [
             (
                 r.state.value,
@@ -1055,6 +1094,12 @@ class Outbox:
             for r in results
         ]
 
+        failed = [
+            (r.id, r.attempted_at, r.status, r.error, r.latency, r.response)
+            for r in results
+            if r.state is not State.DELIVERED
+        ]
+
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
                 "UPDATE deliveries SET state = ?, next_attempt = ?, attempts = attempts + 1,"
@@ -1062,6 +1107,12 @@ class Outbox:
                 " last_response = ?, finished = ? WHERE id = ?",
                 rows,
             )
+            if failed:
+                connection.executemany(
+                    "INSERT INTO attempts (delivery_id, at, status, error, latency, response)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    failed,
+                )
 
         # Deferrable: the dispatcher's slot is already free and nothing waits on this commit
         # except the attempt's own task. A claim (an ordered webhook's next one included) or a
@@ -1076,30 +1127,39 @@ class Outbox:
         """Forget delivered rows that finished before the given time."""
 
         def delete(connection: sqlite3.Connection) -> int:
-            cursor = connection.execute(
-                "DELETE FROM deliveries WHERE state = ? AND finished < ?",
-                (State.DELIVERED.value, delivered_before),
-            )
+            where = "state = ? AND finished < ?"
+            params = (State.DELIVERED.value, delivered_before)
+            _delete_attempts(connection, where, params)
+            cursor = connection.execute(f"DELETE FROM deliveries WHERE {where}", params)
             return cursor.rowcount
 
         return int(await self._submit(delete, heavy=True))
 
-    async def backlog(self) -> tuple[dict[str, int], dict[str, float]]:
-        """Rows waiting (pending or in flight) per webhook, and the oldest one's creation time.
+    async def backlog(self) -> Backlog:
+        """Rows waiting (pending or in flight) per webhook and drive, the oldest one's creation
+        time, and the dead letters per webhook.
 
-        Cheap at any size of history: it reads only waiting rows, through the state index.
+        Cheap at any size of history: it reads only waiting and dead rows, through the indexes.
         """
 
-        def query(connection: sqlite3.Connection) -> tuple[dict[str, int], dict[str, float]]:
+        def query(connection: sqlite3.Connection) -> Backlog:
             counts: dict[str, int] = {}
             oldest: dict[str, float] = {}
-            for webhook, count, created in connection.execute(
-                "SELECT webhook, COUNT(*), MIN(created) FROM deliveries"
-                " WHERE state IN ('pending', 'inflight') GROUP BY webhook"
+            per_drive: dict[str, int] = {}
+            for webhook, drive, count, created in connection.execute(
+                "SELECT webhook, drive, COUNT(*), MIN(created) FROM deliveries"
+                " WHERE state IN ('pending', 'inflight') GROUP BY webhook, drive"
             ):
-                counts[webhook] = count
-                oldest[webhook] = created
-            return counts, oldest
+                counts[webhook] = counts.get(webhook, 0) + count
+                oldest[webhook] = min(oldest.get(webhook, created), created)
+                per_drive[drive] = per_drive.get(drive, 0) + count
+            dead = dict(
+                connection.execute(
+                    "SELECT webhook, COUNT(*) FROM deliveries"
+                    " WHERE state = 'dead' AND finished IS NOT NULL GROUP BY webhook"
+                ).fetchall()
+            )
+            return Backlog(counts=counts, oldest=oldest, per_drive=per_drive, dead=dead)
 
         return await self._submit(query, heavy=True)
 
@@ -1163,6 +1223,53 @@ class Outbox:
 
         return await self._submit(query, heavy=True)
 
+    async def row(self, row_id: int) -> dict[str, Any] | None:
+        """One row with its body and every attempt (oldest first), for `relayd outbox show`."""
+
+        def query(connection: sqlite3.Connection) -> dict[str, Any] | None:
+            cursor = connection.execute("SELECT * FROM deliveries WHERE id = ?", (row_id,))
+            found = cursor.fetchone()
+            if found is None:
+                return None
+            row = dict(zip([column[0] for column in cursor.description], found, strict=True))
+            attempts = [
+                {"at": at, "status": status, "error": error, "latency": latency, "response": text}
+                for at, status, error, latency, text in connection.execute(
+                    "SELECT at, status, error, latency, response FROM attempts"
+                    " WHERE delivery_id = ? ORDER BY at, rowid",
+                    (row_id,),
+                )
+            ]
+            if row["state"] == State.DELIVERED.value and row["last_attempt"] is not None:
+                attempts.append(
+                    {
+                        "at": row["last_attempt"],
+                        "status": row["last_status"],
+                        "error": row["last_error"],
+                        "latency": row["last_latency"],
+                        "response": row["last_response"],
+                    }
+                )
+            row["attempt_log"] = attempts
+            return row
+
+        return await self._submit(query)
+
+    async def names(self) -> tuple[set[str], set[str]]:
+        """The webhooks and drives that have rows, for telling a mistyped name from an empty
+        selection."""
+
+        def query(connection: sqlite3.Connection) -> tuple[set[str], set[str]]:
+            webhooks = {
+                name for (name,) in connection.execute("SELECT DISTINCT webhook FROM deliveries")
+            }
+            drives = {
+                name for (name,) in connection.execute("SELECT DISTINCT drive FROM deliveries")
+            }
+            return webhooks, drives
+
+        return await self._submit(query, heavy=True)
+
     async def rows(self, selection: Filter = Filter(), *, limit: int = 100) -> list[dict[str, Any]]:
         """Rows without their bodies, newest first, for `relayd outbox list`."""
         where, params = selection.where()
@@ -1179,7 +1286,7 @@ class Outbox:
 
         return await self._submit(query, heavy=True)
 
-    async def replay(self, selection: Filter) -> int:
+    async def replay(self, selection: Filter, *, dry_run: bool = False) -> int:
         """Put dead rows back in the queue, due now, with a fresh max_age and backoff.
 
         `attempts` restarts from zero, so the first retry after a replay waits `initial_delay`,
@@ -1192,6 +1299,22 @@ class Outbox:
             what = "rows in flight" if state is State.INFLIGHT else f"{state.value} ones"
             raise ValueError(f"replay reaches dead or pending rows, not {what}")
         where, params = replace(selection, state=state).where()
+        return await self._make_due(where, params, dry_run=dry_run)
+
+    async def resend(self, selection: Filter, *, dry_run: bool = False) -> int:
+        """Send finished rows again (Svix's "resend"): delivered ones, dead ones or both (the
+        default), due now with a fresh max_age and backoff, and the same webhook-id. What they
+        were sent and answered before stays in their attempts."""
+        if selection.state is not None and selection.state not in RESENDABLE:
+            raise ValueError(f"resend reaches delivered or dead rows, not {selection.state.value}")
+        where, params = selection.where()
+        if selection.state is None:
+            where += " AND state IN ('delivered', 'dead') AND finished IS NOT NULL"
+        return await self._make_due(where, params, dry_run=dry_run)
+
+    async def _make_due(self, where: str, params: list[Any], *, dry_run: bool) -> int:
+        if dry_run:
+            return await self._count(where, params)
         now = self._clock()
 
         def update(connection: sqlite3.Connection) -> int:
@@ -1204,7 +1327,17 @@ class Outbox:
 
         return int(await self._submit(update, durable=True, heavy=True))
 
-    async def purge(self, selection: Filter) -> int:
+    async def _count(self, where: str, params: list[Any]) -> int:
+        def query(connection: sqlite3.Connection) -> int:
+            return int(
+                connection.execute(
+                    f"SELECT COUNT(*) FROM deliveries WHERE {where}", params
+                ).fetchone()[0]
+            )
+
+        return await self._submit(query, heavy=True)
+
+    async def purge(self, selection: Filter, *, dry_run: bool = False) -> int:
         """Delete the selected rows that are finished (dead or delivered).
 
         Waiting rows only when the selection asks for them (`state=PENDING`): those no
@@ -1217,10 +1350,23 @@ class Outbox:
         if selection.state is None:
             where += " AND state IN ('dead', 'delivered') AND finished IS NOT NULL"
 
+        if dry_run:
+            return await self._count(where, params)
+
         def delete(connection: sqlite3.Connection) -> int:
+            _delete_attempts(connection, where, params)
             cursor = connection.execute(f"DELETE FROM deliveries WHERE {where}", params)
             return cursor.rowcount
 
         # Durable when it deletes waiting rows: a power cut must not bring them back to be sent.
         durable = selection.state is State.PENDING
         return int(await self._submit(delete, durable=durable, heavy=True))
+
+
+def _delete_attempts(connection: sqlite3.Connection, where: str, params: Sequence[Any]) -> None:
+    """The attempts of the rows `where` selects, deleted before the rows themselves: a row id
+    can be used again once its row is gone."""
+    connection.execute(
+        f"DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE {where})",
+        params,
+    )

@@ -11,7 +11,7 @@ import base64
 import binascii
 import hashlib
 import hmac
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 SECRET_PREFIX = "whsec_"
 
@@ -48,3 +48,35 @@ def signature_headers(
     if keys:
         headers["webhook-signature"] = sign(keys, message_id, timestamp, body)
     return headers
+
+
+TIMESTAMP_TOLERANCE = 300  # seconds; the Standard Webhooks reference verifier uses five minutes
+
+
+def verify(
+    key: bytes,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float,
+    tolerance: int = TIMESTAMP_TOLERANCE,
+) -> str | None:
+    """Check one attempt as a receiver would; None when it is genuine, else what is wrong.
+
+    `headers` must look names up case-insensitively (aiohttp's and requests' do). Any one of the
+    space-separated `v1,` signatures may match: senders sign with every secret while rotating.
+    """
+    message_id = headers.get("webhook-id")
+    timestamp = headers.get("webhook-timestamp")
+    signatures = headers.get("webhook-signature")
+    if not message_id or not timestamp or not signatures:
+        return "webhook-id, webhook-timestamp or webhook-signature is missing"
+    if not timestamp.isdigit():
+        return "webhook-timestamp is not a number of seconds"
+    if abs(now - int(timestamp)) > tolerance:
+        return f"webhook-timestamp is more than {tolerance} s away from now"
+    expected = sign([key], message_id, int(timestamp), body).encode()
+    for signature in signatures.split(" "):
+        if hmac.compare_digest(signature.encode(), expected):
+            return None
+    return "no signature matches the secret"

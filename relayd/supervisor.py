@@ -11,23 +11,25 @@ period), then the outbox (what is queued is committed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import json
 import os
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
 
-from relayd import logs
+from relayd import __version__, logs
 from relayd.admin import AdminServer, Metrics
 from relayd.auth import (
     CommandTokenProvider,
     FileTokenProvider,
+    HttpClient,
     MsalTokenProvider,
     TokenProvider,
 )
@@ -41,7 +43,8 @@ from relayd.config import (
 )
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
-from relayd.outbox import Outbox, Reservation
+from relayd.network import Network, mask_proxy_url, trim_tls_read_buffers
+from relayd.outbox import Backlog, Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.tenant import TenantReport, tenant_key
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
@@ -50,6 +53,7 @@ log = structlog.get_logger("relayd.supervisor")
 
 OUTBOX_FILE = "outbox.sqlite3"
 LOCK_FILE = "relayd.lock"
+DAEMON_FILE = "daemon.json"  # where the running daemon answers: its pid and admin address
 WATCHER_STOP_TIMEOUT = 10.0  # watchers only close sockets and flush their queue to disk
 DRIVE_RESTART_DELAY = 10.0  # after a watcher crashed on something unexpected
 PRUNE_INTERVAL = 3600.0
@@ -63,14 +67,17 @@ class StartupError(Exception):
     """relayd cannot start (state_dir locked or unusable, outbox unreadable). Safe to print."""
 
 
-def token_provider(name: str, account: AccountConfig, state_dir: Path) -> TokenProvider:
+def token_provider(
+    name: str, account: AccountConfig, state_dir: Path, *, sign_in: HttpClient | None = None
+) -> TokenProvider:
     """The account's token source; client_id accounts use the sign-in `relayd login` stored
-    under state_dir (until there is one, their drives wait in NEEDS_LOGIN)."""
+    under state_dir (until there is one, their drives wait in NEEDS_LOGIN), through `sign_in`
+    (the HTTP client MSAL uses; None: MSAL's own)."""
     if account.token_command is not None:
         return CommandTokenProvider.from_config(name, account)
     if account.token_file is not None:
         return FileTokenProvider(name, account.token_file)
-    return MsalTokenProvider(name, account, state_dir)
+    return MsalTokenProvider(name, account, state_dir, http_client=sign_in)
 
 
 def lock_state_dir(state_dir: Path) -> int:
@@ -112,14 +119,6 @@ def daemon_pid(state_dir: Path) -> int | None:
         os.close(fd)
 
 
-@dataclass(frozen=True)
-class Backlog:
-    """Notifications waiting per webhook, and the creation time of the oldest one."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-    oldest: dict[str, float] = field(default_factory=dict)
-
-
 class Supervisor:
     """Runs the relay for one config until `shutdown` is set; reloads it on request."""
 
@@ -138,6 +137,7 @@ class Supervisor:
         self.outbox: Outbox | None = None
         self.admin: AdminServer | None = None
         self.started = asyncio.Event()  # set once every drive and webhook has its task
+        self.started_at = time.time()
         self.backlog = Backlog()
         self.lost = 0  # notifications received but never stored: exit status 3 at the end
         self.last_reload_ok = True
@@ -151,6 +151,9 @@ class Supervisor:
         self._session: aiohttp.ClientSession | None = None
         self._graph: GraphClient | None = None
         self._gate: ConnectGate | None = None
+        self.network: Network | None = None  # TLS trust and proxy environment, read at start
+        self._graph_proxy: str | None = None
+        self._sign_in: HttpClient | None = None
         self.metrics = Metrics(self)  # last: its collector reads the attributes above
 
     def tenants(self) -> list[TenantReport]:
@@ -167,12 +170,26 @@ class Supervisor:
         config = self.config
         lock = lock_state_dir(config.state_dir)
         try:
+            trim_tls_read_buffers()  # a drive's memory over wss: see relayd.network
+            try:
+                self.network = Network.from_environment(config.tls.ca_file)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                raise StartupError(f"cannot load the CA bundle of SSL_CERT_FILE: {exc}") from None
+            if any(self.network.summary().values()) or config.graph.proxy is not None:
+                log.info(
+                    "outbound proxies",
+                    graph_proxy=None
+                    if config.graph.proxy is None
+                    else mask_proxy_url(config.graph.proxy) or "direct",
+                    **self.network.summary(),
+                )
             async with AsyncExitStack() as stack:
                 # One session for Graph, sockets and webhooks. No connection limit: dispatchers
                 # bound their own concurrency, and with aiohttp's default of 100 the 101st
-                # socket would wait forever for a free connection.
+                # socket would wait forever for a free connection. Its connector holds the one
+                # SSL context (system CAs plus tls.ca_file) every TLS connection verifies with.
                 self._session = await stack.enter_async_context(
-                    aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+                    aiohttp.ClientSession(connector=self.network.connector(limit=0))
                 )
                 outbox = Outbox(
                     config.state_dir / OUTBOX_FILE,
@@ -204,8 +221,21 @@ class Supervisor:
                 group.create_task(self._tick_loop(), name="relayd-tick"),
             ]
             # The backlog was read by the first _apply, for its warning about orphaned rows.
-            log.info("started", drives=len(self.watchers), webhooks=len(self.dispatchers))
+            config = self.config
+            log.info(
+                "started",
+                version=__version__,
+                config=str(self.config_path) if self.config_path else None,
+                state_dir=str(config.state_dir),
+                store=f"sqlite {config.state_dir / OUTBOX_FILE}",
+                admin=f"http://{config.admin.listen}" if config.admin.enabled else "off",
+                drives=len(self.watchers),
+                webhooks=len(self.dispatchers),
+                accounts=len(config.accounts),
+                waiting=sum(self.backlog.counts.values()),
+            )
             self.started.set()
+            self._write_daemon_file()
             self._notifier.ready(self.status_line())
 
             stop = asyncio.create_task(shutdown.wait())
@@ -226,10 +256,20 @@ class Supervisor:
             for task in housekeeping:
                 task.cancel()
         self._group = None
+        with contextlib.suppress(OSError):
+            (self.config.state_dir / DAEMON_FILE).unlink()
+        # What the next start delivers: stored, so not lost, but an operator wants the count.
+        await self.refresh_backlog()
+        waiting = {name: count for name, count in self.backlog.counts.items() if count}
         if self.lost:
-            log.error("stopped; notifications received from Graph were lost", lost=self.lost)
+            log.error(
+                "stopped; notifications received from Graph were lost",
+                lost=self.lost,
+                waiting=sum(waiting.values()),
+                waiting_per_webhook=waiting,
+            )
         else:
-            log.info("stopped")
+            log.info("stopped", waiting=sum(waiting.values()), waiting_per_webhook=waiting)
 
     # -- reload ----------------------------------------------------------------------------------
 
@@ -255,7 +295,7 @@ class Supervisor:
             )
             self._notifier.ready(self.status_line())
             return False
-        for key in ("state_dir", "admin"):
+        for key in ("state_dir", "admin", "tls"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("this setting takes effect after a restart", key=key)
         if new.log != self.config.log:
@@ -271,20 +311,25 @@ class Supervisor:
     async def _apply(self, new: Config) -> None:
         """Bring the running tasks in line with `new`, touching only what differs."""
         old = self._applied
-        assert self._session is not None
+        assert self._session is not None and self.network is not None
         graph_changed = old is None or old.graph != new.graph
         if graph_changed:
+            # graph.proxy covers everything towards Microsoft: Graph, the push socket, sign-in.
+            self._graph_proxy = new.graph.proxy
+            self._sign_in = self.network.sign_in_session(new.graph.proxy)
             self._graph = GraphClient(
                 self._session,
                 new.graph.base_url,
+                request_options=self.network.request_options(new.graph.base_url, new.graph.proxy),
                 requests_per_minute=new.graph.requests_per_minute,
             )
             self._gate = ConnectGate(new.graph.connect_concurrency, new.graph.connect_rate)
 
+        proxy_changed = old is None or old.graph.proxy != new.graph.proxy  # sign-in's too
         accounts_changed = {
             name
             for name, account in new.accounts.items()
-            if old is None or old.accounts.get(name) != account
+            if proxy_changed or old is None or old.accounts.get(name) != account
         }
         old_webhooks = {} if old is None else old.webhooks
         webhooks_gone = [name for name in old_webhooks if name not in new.webhooks]
@@ -309,7 +354,9 @@ class Supervisor:
             webhooks_gone + [n for n in webhooks_changed if n in self.dispatchers]
         )
         for name in accounts_changed:
-            self.tokens[name] = token_provider(name, new.accounts[name], new.state_dir)
+            self.tokens[name] = token_provider(
+                name, new.accounts[name], new.state_dir, sign_in=self._sign_in
+            )
         for name in [n for n in self.tokens if n not in new.accounts]:
             del self.tokens[name]
         for name in webhooks_changed:
@@ -345,12 +392,15 @@ class Supervisor:
 
     def _start_dispatcher(self, name: str, config: Config) -> None:
         assert self._group is not None and self._session is not None and self.outbox is not None
+        assert self.network is not None
+        hook = config.webhooks[name]
         dispatcher = Dispatcher(
             name,
             config.webhooks[name],
             self.outbox,
             self._session,
             on_result=self.metrics.observe,
+            request_options=self.network.request_options(hook.url, hook.proxy),
         )
         self.dispatchers[name] = dispatcher
         # Restarted if it ever fails; what it had claimed went back to the queue as it ended.
@@ -365,6 +415,11 @@ class Supervisor:
             name=f"relayd-webhook-{name}",
         )
 
+    def _socket_options(self, url: str) -> dict[str, Any]:
+        """aiohttp arguments for a drive's socket to `url`: graph.proxy, or the environment's."""
+        assert self.network is not None
+        return self.network.request_options(url, self._graph_proxy)
+
     def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None, config: Config) -> None:
         assert self._group is not None and self._graph is not None and self._gate is not None
         assert self.outbox is not None
@@ -375,6 +430,7 @@ class Supervisor:
             tokens=self.tokens[drive.account],
             outbox=self.outbox,
             socket_session=self._session,
+            socket_options=self._socket_options,
             gate=self._gate,
             inbox=inbox,
         )
@@ -472,6 +528,10 @@ class Supervisor:
                 try:
                     await self.refresh_backlog()
                     self._notifier.status(self.status_line())
+                    for name, dispatcher in self.dispatchers.items():
+                        dispatcher.check_health(waiting=self.backlog.counts.get(name, 0))
+                    for watcher in self.watchers.values():
+                        watcher.check_health()
                 except Exception:
                     # The watchdog pings above must go on whatever the status line meets.
                     log.exception("cannot refresh the status line")
@@ -481,11 +541,33 @@ class Supervisor:
         if self.outbox is None:
             return
         try:
-            counts, oldest = await self.outbox.backlog()
+            self.backlog = await self.outbox.backlog()
         except Exception as exc:  # the last figures stay; the next refresh may well work
             log.error("cannot read the outbox backlog", error=str(exc))
-            return
-        self.backlog = Backlog(counts=counts, oldest=oldest)
+
+    def _write_daemon_file(self) -> None:
+        """Where this daemon answers, in state_dir: `relayd status` finds it there even when the
+        config file on disk no longer loads (that is when it is needed)."""
+        path = self.config.state_dir / DAEMON_FILE
+        try:
+            fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as file:
+                json.dump(self.identity(), file)
+            os.replace(path.with_suffix(".tmp"), path)
+        except OSError as exc:  # a convenience for the CLI: never a reason to stop relaying
+            log.warning("cannot write the daemon file", path=str(path), error=str(exc))
+
+    def identity(self) -> dict[str, Any]:
+        """Which daemon this is, for /status and the state_dir's daemon file."""
+        admin = self.admin
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": self.started_at,
+            "config": str(self.config_path) if self.config_path else None,
+            "state_dir": str(self.config.state_dir),
+            "admin": None if admin is None else f"http://{self.config.admin.host}:{admin.port}",
+        }
 
     def status_line(self) -> str:
         """systemd's STATUS=: one line a person reads in `systemctl status`."""

@@ -47,6 +47,8 @@ from relayd.graph import (
     retry_delay,
     travels_unencrypted,
 )
+from relayd.network import describe_connection_error
+from relayd.outage import Outage, Report, log_report
 from relayd.outbox import NewDelivery, Outbox, OutboxError
 from relayd.tenant import DEFAULT_TENANT
 
@@ -359,6 +361,7 @@ class DriveWatcher:
         tokens: TokenProvider,
         outbox: Outbox,
         socket_session: aiohttp.ClientSession | None = None,
+        socket_options: Callable[[str], Mapping[str, Any]] | None = None,
         gate: ConnectGate,
         inbox: Inbox | None = None,
         tenant: str = DEFAULT_TENANT,
@@ -372,6 +375,8 @@ class DriveWatcher:
         self._tokens = tokens
         self._outbox = outbox
         self._socket_session = socket_session
+        # Extra aiohttp arguments for a socket's connect to a URL (the proxy for its host).
+        self._socket_options = socket_options or (lambda _url: {})
         self._gate = gate
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
@@ -387,6 +392,8 @@ class DriveWatcher:
         self._sockets = 0  # open connections: two only during a switch-over
         self._dedupe_until = 0.0
         self.log = structlog.get_logger("relayd.watcher").bind(drive=drive.name)
+        # Each failed connect is logged at debug level; the outage is what is logged above it.
+        self.outage = Outage()
 
     def stop(self) -> None:
         """Stop taking notifications; `run()` returns once what arrived is in the outbox, or
@@ -426,6 +433,7 @@ class DriveWatcher:
 
     def _connected(self, how: str) -> None:
         """A socket is up after `how` ("start", "reconnect" or "renewal")."""
+        self.check_health(self.outage.succeeded(time.monotonic()))
         if self.feed is not None:
             self.feed.catch_up(how)  # changes made while nobody listened
         elif how == "reconnect":
@@ -523,21 +531,25 @@ class DriveWatcher:
         delay = state.next_action.sleep if state.next_action else 0.0
         if isinstance(error, GraphError) and error.not_supported:
             self.status.enter(DriveState.NOT_SUPPORTED, str(error))
-            self.log.error(
-                "this drive cannot be watched over socketIo (Graph answered 400 notSupported);"
-                " asking again later",
-                retry_in=round(delay),
-            )
-            return
-        if isinstance(error, AuthError) and error.needs_login:
+            problem = "this drive cannot be watched over socketIo (Graph answered 400 notSupported)"
+        elif isinstance(error, AuthError) and error.needs_login:
             self.status.enter(DriveState.NEEDS_LOGIN, str(error))
+            problem = describe(error)
         else:
             self.status.enter(DriveState.RECONNECTING, describe(error))
-        self.log.warning(
+            problem = describe(error)
+        self.log.debug(
             "cannot connect, will retry",
-            error=describe(error),
+            error=problem,
             retry_in=round(delay, 1),
             attempt=state.attempt_number,
+        )
+        self.check_health(self.outage.failed(time.monotonic(), problem))
+
+    def check_health(self, report: Report | None = None) -> None:
+        """Log `report`, or (called now and then) the recovery or a summary once one is due."""
+        log_report(
+            self.log, f"drive {self.drive.name}", report or self.outage.tick(time.monotonic())
         )
 
     async def _open(self) -> _Connection:
@@ -719,7 +731,10 @@ class _Connection:
             "reconnection": False,
             "handle_sigint": False,
             # A close handshake on a dead line waits this long before dropping the socket.
-            "websocket_extra_options": {"timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT)},
+            "websocket_extra_options": {
+                "timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
+                **watcher._socket_options(subscription.target.server_url),
+            },
         }
         if watcher._socket_session is not None:
             options["http_session"] = watcher._socket_session
@@ -785,5 +800,8 @@ def describe(error: BaseException | None) -> str:
     """An exception as one log-safe line (these never carry the endpoint's query)."""
     if error is None:
         return "unknown error"
+    explained = describe_connection_error(error)  # TLS and proxy failures, naming the host
+    if explained is not None:
+        return explained
     text = str(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -43,3 +43,22 @@ def test_throughput_benchmark_delivers_everything_through_every_pipeline() -> No
         assert (result["burst"]["delivered"], result["burst"]["emitted"]) == (20, 20), name
         assert (result["paced"]["delivered"], result["paced"]["emitted"]) == (20, 20), name
         assert result["burst"]["duplicates"] == 0, name
+
+
+@pytest.mark.timeout(120)
+def test_many_drives_benchmark_connects_every_drive_over_tls() -> None:
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "many_drives.py"),
+        "--sizes=3",
+        "--settle=0.2",
+        "--idle-seconds=0.5",
+        "--tls",
+        "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=110, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
+    document = json.loads(done.stdout.strip().splitlines()[-1])
+    assert document["ok"] is True
+    assert document["settings"]["tls"] is True
+    assert document["sizes"][0]["live_sockets"] == 3

@@ -64,8 +64,16 @@ def problems(text: str, env: dict[str, str] | None = None) -> list[str]:
 # --------------------------------------------------------------------------- defaults
 
 
-def test_empty_file_gives_all_defaults() -> None:
-    config = parse("# nothing configured yet\n")
+def test_an_empty_file_is_refused() -> None:
+    # A file truncated by a failed write must not reload into a relay with no drives.
+    for text in ("", "# nothing configured yet\n", "---\n", "~\n"):
+        assert problems(text) == [
+            "config.yaml: the file is empty; see config.example.yaml for what goes in it"
+        ]
+
+
+def test_a_file_of_empty_lists_gives_all_defaults() -> None:
+    config = parse("drives: []\n")
 
     assert config.graph.base_url == "https://graph.microsoft.com/v1.0"
     assert config.state_dir == Path("state").absolute()
@@ -104,7 +112,7 @@ def test_section_defaults() -> None:
 def test_empty_sections_mean_defaults() -> None:
     config = parse("graph:\nadmin:\nlog:\naccounts:\nwebhooks:\ndrives:\n")
 
-    assert config == parse("")
+    assert config == parse("drives: []\n")
 
 
 def test_values_are_normalised() -> None:
@@ -243,12 +251,12 @@ def test_unknown_key_names_file_line_and_path() -> None:
 
     assert problems(text) == [
         "config.yaml:15: drives[1].resource: missing required key",
-        "config.yaml:17: drives[1].resourse: unknown key",
+        "config.yaml:17: drives[1].resourse: unknown key; did you mean 'resource'?",
     ]
 
 
 def test_unknown_top_level_key_even_when_empty() -> None:
-    assert problems("drive:\n") == ["config.yaml:1: drive: unknown key"]
+    assert problems("drive:\n") == ["config.yaml:1: drive: unknown key; did you mean 'drives'?"]
 
 
 def test_empty_required_value() -> None:
@@ -287,9 +295,67 @@ def test_unknown_webhook_written_as_a_string_and_no_accounts() -> None:
 
 def test_invalid_yaml_reports_the_line() -> None:
     assert problems("log:\n  level: info\n  format: [json\n") == [
-        "config.yaml:4: invalid YAML: expected ',' or ']', but got '<stream end>' "
+        "config.yaml:4: invalid YAML at column 1: expected ',' or ']', but got '<stream end>' "
         "(while parsing a flow sequence at line 3)"
     ]
+
+
+def test_invalid_yaml_shows_the_line_and_column() -> None:
+    assert problems("drives:\n  - name: d\n   account: a\n") == [
+        "config.yaml:3: invalid YAML at column 4: expected <block end>, but found"
+        " '<block mapping start>' (while parsing a block collection at line 2)\n"
+        "  3 |    account: a\n"
+        "    |    ^"
+    ]
+
+
+def test_invalid_yaml_hides_what_may_be_a_credential_on_the_line_it_shows() -> None:
+    secret = "whsec_" + "A" * 43 + "="
+    for line in (
+        f"    secret: {secret}",
+        "    Authorization: Bearer eyJ0.eyJ1.sig",
+        f"  - {secret}",
+    ):
+        text = f"webhooks:\n  w:\n    url: http://127.0.0.1:1/\n{line}\n  [\n"
+        shown = "\n".join(problems(text))
+        assert "invalid YAML" in shown
+        assert secret not in shown and "eyJ" not in shown
+
+
+def test_an_unknown_key_suggests_the_nearest_known_one() -> None:
+    text = (
+        "webhooks:\n  w:\n    url: http://127.0.0.1:1/\n    retry: {max_delays: 1h}\n"
+        "    timeuot: 5s\n"
+    )
+    assert problems(text) == [
+        "config.yaml:4: webhooks.w.retry.max_delays: unknown key; did you mean 'max_delay'?",
+        "config.yaml:5: webhooks.w.timeuot: unknown key; did you mean 'timeout'?",
+    ]
+
+
+def test_base_url_needs_the_api_version() -> None:
+    for url in ("https://graph.microsoft.com", "https://graph.microsoft.com/", "http://h/graph"):
+        assert problems(f"graph: {{base_url: {url!r}}}\n") == [
+            "config.yaml:1: graph.base_url: must end with Graph's API version,"
+            " e.g. https://graph.microsoft.com/v1.0"
+        ]
+    assert parse("graph: {base_url: 'https://graph.microsoft.com/beta/'}\n").graph.base_url == (
+        "https://graph.microsoft.com/beta"
+    )
+
+
+def test_check_files_requires_a_readable_token_file(tmp_path: Path) -> None:
+    text = "accounts:\n  a: {token_file: missing-token}\n"
+    # The daemon reads the file at each token request (a sidecar may write it later)...
+    assert parse(text, base_dir=tmp_path).accounts["a"].token_file == tmp_path / "missing-token"
+    # ...while check-config asks for it now, without quoting the value (it may be a token).
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, filename="c.yaml", env={}, base_dir=tmp_path, check_files=True)
+    assert str(caught.value) == (
+        "c.yaml:2: accounts.a.token_file: cannot read the file: No such file or directory"
+    )
+    (tmp_path / "missing-token").write_text("t")
+    parse_config(text, filename="c.yaml", env={}, base_dir=tmp_path, check_files=True)
 
 
 def test_duplicate_yaml_key() -> None:
@@ -479,7 +545,10 @@ def test_environment_substitution() -> None:
 
 
 def test_keys_are_not_substituted() -> None:
-    assert problems('"${UNSET}": 1\n') == ['config.yaml:1: ["${UNSET}"]: unknown key']
+    assert problems('"${UNSET}": 1\n') == [
+        'config.yaml:1: ["${UNSET}"]: unknown key; expected one of: accounts, admin, drives,'
+        " graph, log, outbox, shutdown_grace, state_dir, tls, webhooks"
+    ]
 
 
 def test_unset_variable_is_reported_at_its_key() -> None:
@@ -710,7 +779,7 @@ def test_secret_and_secret_file_together(tmp_path: Path) -> None:
 
 
 def test_state_dir_defaults_to_systemd_state_directory() -> None:
-    config = parse("", env={"STATE_DIRECTORY": "/var/lib/relayd:/var/lib/other"})
+    config = parse("drives: []\n", env={"STATE_DIRECTORY": "/var/lib/relayd:/var/lib/other"})
 
     assert config.state_dir == Path("/var/lib/relayd")
 
@@ -720,7 +789,7 @@ def test_state_dir_default_is_relative_to_the_working_directory(
 ) -> None:
     monkeypatch.chdir(tmp_path)
 
-    assert parse("", base_dir=Path("/etc/relayd")).state_dir == tmp_path / "state"
+    assert parse("drives: []\n", base_dir=Path("/etc/relayd")).state_dir == tmp_path / "state"
 
 
 def test_relative_state_dir_is_relative_to_the_config_file(tmp_path: Path) -> None:
@@ -822,7 +891,7 @@ def test_load_config_names_the_file_as_given(
     with pytest.raises(ConfigError) as caught:
         load_config("relayd.yaml", env={})
 
-    assert str(caught.value) == "relayd.yaml:1: drive: unknown key"
+    assert str(caught.value) == "relayd.yaml:1: drive: unknown key; did you mean 'drives'?"
 
 
 def test_load_config_missing_file() -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -199,7 +201,7 @@ async def test_a_4xx_is_a_dead_letter_at_once_and_relayd_outbox_replay_sends_it_
     # The receiver is fixed (it answers 200 by default now); the operator replays, from another
     # "process", while the daemon keeps running.
     capsys.readouterr()
-    assert await run_cli("outbox", "replay", "--config", str(config_file)) == 0
+    assert await run_cli("outbox", "replay", "--yes", "--config", str(config_file)) == 0
     assert "2 dead notifications back in the queue" in capsys.readouterr().out
 
     delivered = await receiver.wait_for(2)
@@ -561,7 +563,7 @@ async def test_relayd_outbox_replay_state_pending_makes_a_long_backoff_due_now(
 
     await eventually(waiting_an_hour, what="the 503's hour-long Retry-After recorded")
     capsys.readouterr()
-    args = ("outbox", "replay", "--config", str(config_file))
+    args = ("outbox", "replay", "--yes", "--config", str(config_file))
     assert await run_cli(*args) == 0
     assert "0 dead notifications back in the queue" in capsys.readouterr().out  # dead only
     assert await run_cli(*args, "--state", "pending") == 0
@@ -597,3 +599,165 @@ async def test_a_due_retry_is_made_while_new_notifications_keep_coming(
             await asyncio.sleep(0.02)  # pacing the emitter, not waiting for a result
 
     await asyncio.wait_for(steady_traffic(), timeout=10)  # fails if the retry waits for a lull
+
+
+# --------------------------------------------------------------------------- outbox commands
+
+
+async def test_outbox_show_gives_the_body_the_headers_as_sent_and_every_attempt(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    secret = new_secret()
+    receiver.script(
+        "hook", [ScriptedResponse(503, body="busy"), ScriptedResponse(500, body="oops")]
+    )
+    webhooks = {
+        "hook": {
+            "url": receiver.url("hook") + "?key=URLSECRET",
+            "secret": secret,
+            "headers": {"Authorization": "Bearer HEADERSECRET"},
+            "retry": FAST_RETRY,
+        }
+    }
+    config_file, config = write_config(tmp_path, emulator, receiver, webhooks=webhooks)
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me")
+    await settle(outbox, "hook", State.DELIVERED, 1)
+    [row] = await outbox.rows(Filter(state=State.DELIVERED))
+    capsys.readouterr()
+
+    assert await run_cli("outbox", "show", str(row["id"]), "--config", str(config_file)) == 0
+    shown = capsys.readouterr().out
+    for secret_part in (secret, "URLSECRET", "HEADERSECRET"):
+        assert secret_part not in shown
+    assert f"webhook-id: {row['message_id']}" in shown
+    assert "Authorization: <hidden>" in shown
+    assert "webhook-signature: <hidden: 1 v1 signature>" in shown
+    assert '"type":"drive.notification"' in shown.replace(" ", "")  # the body as sent
+    attempts = shown.split("attempts (3):\n", 1)[1].splitlines()
+    outcomes = [line.split()[3:] for line in attempts if line.strip()[:1].isdigit()]
+    assert [outcome[0] for outcome in outcomes] == ["503", "500", "200"]
+    assert "answered: busy" in shown and "answered: oops" in shown
+
+    assert await run_cli("outbox", "show", str(row["id"]), "--json", "-c", str(config_file)) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert [a["status"] for a in document["attempts"]] == [503, 500, 200]
+    assert document["headers"]["webhook-id"] == row["message_id"]
+
+
+async def test_outbox_resend_sends_a_delivered_row_again_with_the_same_webhook_id(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_file, config = write_config(tmp_path, emulator, receiver)
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me", 2)
+    await settle(outbox, "hook", State.DELIVERED, 2)
+    first, second = sorted(await outbox.rows(Filter()), key=lambda r: r["id"])
+    capsys.readouterr()
+
+    args = ("outbox", "resend", str(first["id"]), "--config", str(config_file))
+    assert await run_cli(*args, "--dry-run") == 0
+    assert "--dry-run, nothing changed: 1 finished" in capsys.readouterr().out
+    assert await run_cli(*args) == 0  # an id is a filter: no --yes needed
+    assert "1 finished notifications due now to be sent again" in capsys.readouterr().out
+    again = await receiver.wait_for(3)
+    assert again[2].headers["webhook-id"] == first["message_id"]
+    [original] = [r for r in again[:2] if r.headers["webhook-id"] == first["message_id"]]
+    assert again[2].body == original.body  # the exact bytes of the first time
+    assert second["message_id"] not in {r.headers["webhook-id"] for r in again[2:]}
+
+
+async def purge_on_a_terminal(config_file: Path, *, answer: str) -> tuple[int, str]:
+    """`relayd outbox purge` with a pseudo-terminal as its stdin, answering its question."""
+    leader, follower = os.openpty()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relayd",
+            "outbox",
+            "purge",
+            "--config",
+            str(config_file),
+            stdin=follower,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        os.write(leader, answer.encode() + b"\n")
+        out, _ = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+async def test_outbox_purge_without_a_filter_needs_yes_off_a_terminal_and_dry_run_changes_nothing(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config_file, config = write_config(tmp_path, emulator, receiver)
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me", 3)
+    await settle(outbox, "hook", State.DELIVERED, 3)
+    capsys.readouterr()
+    purge = ("outbox", "purge", "--config", str(config_file))
+
+    assert await run_cli(*purge) == 1  # stdin is not a terminal here
+    assert "reaches all 3 rows of every webhook: add --yes" in capsys.readouterr().err
+    assert await run_cli(*purge, "--dry-run") == 0
+    assert "--dry-run, nothing changed: 3 finished notifications deleted" in (
+        capsys.readouterr().out
+    )
+    assert await count(outbox, "hook", State.DELIVERED) == 3
+    # On a terminal it asks; anything but yes changes nothing.
+    answered, said = await purge_on_a_terminal(config_file, answer="n")
+    assert (answered, said.count("purge all 3 notifications of every webhook? [y/N]")) == (1, 1)
+    assert await count(outbox, "hook", State.DELIVERED) == 3
+    assert await run_cli(*purge, "--yes") == 0
+    assert "3 finished notifications deleted" in capsys.readouterr().out
+    assert await count(outbox, "hook", State.DELIVERED) == 0
+
+
+async def test_outbox_commands_refuse_a_name_that_is_nowhere_and_list_says_where_it_stopped(
+    tmp_path: Path,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    receiver.set_default("hook", ScriptedResponse(503))
+    config_file, config = write_config(tmp_path, emulator, receiver)
+    relay = await start_relay(config)
+    outbox = await relay_ready(relay, emulator)
+    await emulator.emit("me", 3)
+    await wait_until(lambda: len(receiver.requests) >= 3, what="three failed attempts")
+    capsys.readouterr()
+
+    for flag, name in (("--webhook", "hoook"), ("--drive", "d9")):
+        assert await run_cli("outbox", "list", flag, name, "--config", str(config_file)) == 1
+        kind = flag.removeprefix("--")
+        assert f"no {kind} {name!r} in the config or the outbox" in capsys.readouterr().err
+
+    assert await run_cli("outbox", "list", "--limit", "2", "--config", str(config_file)) == 0
+    captured = capsys.readouterr()
+    rows = captured.out.splitlines()[1:]
+    assert len(rows) == 2
+    assert "(stopped at --limit 2; more rows match" in captured.err
+    assert "next attempt" in captured.out.splitlines()[0]
+    assert all(" pending " in row and row.count("Z") >= 2 for row in rows)  # created and due
+    assert await count(outbox, "hook", State.PENDING) >= 2

@@ -15,12 +15,16 @@ import engineio
 import pytest
 import socketio
 import structlog
+import yaml
 from aiohttp import web
-from support.waiting import wait_until
+from support.daemon import Daemon, free_port, write_daemon_config
+from support.waiting import eventually, wait_until
 from test_cli import RelayProcess, write_config
 
+import relayd
 from relayd import logs
 from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.emulator.receiver import ScriptedResponse
 
 
 def test_redact_masks_query_credentials_bearer_jwt_and_secrets() -> None:
@@ -206,3 +210,104 @@ def test_mask_opaque_masks_given_secrets_of_any_length() -> None:
     assert logs.mask_opaque("token abc was refused; abcdef too", ["abc", None, ""]) == (
         f"token {logs.REDACTED} was refused; {logs.REDACTED}def too"
     )
+
+
+@pytest.mark.timeout(90)
+async def test_a_reload_that_changes_the_log_format_or_level_reaches_every_logger(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
+) -> None:
+    """Drives and webhooks the reload leaves alone hold loggers bound at their start."""
+    drives = [
+        {"name": "d1", "account": "test", "resource": "me", "webhook": "hook"},
+        {"name": "d2", "account": "test", "resource": "drives/two", "webhook": "hook"},
+    ]
+    port = free_port()
+    path = tmp_path / "relayd.yaml"
+    config = write_daemon_config(
+        path, emulator, receiver, state_dir=tmp_path / "state", admin_port=port, drives=drives
+    )
+    daemon = Daemon(config, port)
+
+    def lines_after(marker: str) -> list[str]:
+        text = daemon.log.read_text() if daemon.log.exists() else ""
+        return text.split(marker, 1)[1].splitlines()[1:] if marker in text else []
+
+    def reload_with(**log: str) -> None:
+        document = yaml.safe_load(path.read_text())
+        document["log"].update(log)
+        path.write_text(yaml.safe_dump(document))
+        daemon.signal(signal.SIGHUP)
+
+    await daemon.start()
+    try:
+        for resource in ("me", "drives/two"):
+            await wait_until(lambda r=resource: emulator.connected(r) == 1, timeout=30)
+        await emulator.emit("me")
+        await receiver.wait_for(1)
+        await wait_until(lambda: daemon.events("delivered"), what="JSON line at debug")
+
+        reload_with(format="console")
+        await wait_until(lambda: "config reloaded" in daemon.log.read_text(), what="reloaded")
+        await emulator.kick("drives/two")  # the untouched drive d2 logs the lost connection
+        await emulator.emit("me")  # and the untouched webhook its delivery, at debug
+        await receiver.wait_for(2)
+
+        def console_lines(*words: str) -> list[str]:
+            return [
+                line for line in lines_after("config reloaded") if all(w in line for w in words)
+            ]
+
+        await wait_until(lambda: console_lines("connection lost", "drive=d2"), what="d2's line")
+        await wait_until(lambda: console_lines("delivered", "webhook=hook"), what="hook's line")
+        after = lines_after("config reloaded")
+        assert not [line for line in after if line.startswith("{")], "JSON after the reload"
+
+        reload_with(level="info")
+        await wait_until(
+            lambda: daemon.log.read_text().count("config reloaded") == 2, what="2nd reload"
+        )
+        await emulator.emit("me")
+        await receiver.wait_for(3)
+
+        # Counted after its line is logged: once the metric says 3, the line would be there.
+        async def three_counted() -> bool:
+            return await daemon.metric("relayd_deliveries_total") >= 3
+
+        await eventually(three_counted, what="the third delivery counted")
+        tail = daemon.log.read_text().rsplit("config reloaded", 1)[1]
+        assert "delivered" not in tail and "[debug" not in tail
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+    finally:
+        await daemon.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_start_says_what_runs_where_and_stop_says_what_was_left_waiting(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver
+) -> None:
+    receiver.set_default("hook", ScriptedResponse(status=503))  # nothing gets through
+    port = free_port()
+    state = tmp_path / "state"
+    config = write_daemon_config(
+        tmp_path / "relayd.yaml", emulator, receiver, state_dir=state, admin_port=port
+    )
+    daemon = Daemon(config, port)
+    await daemon.start()
+    try:
+        await wait_until(lambda: daemon.events("started"), timeout=30, what="started")
+        (started,) = daemon.events("started")
+        assert started["version"] == relayd.__version__
+        assert (started["config"], started["state_dir"]) == (str(config), str(state))
+        assert started["store"] == f"sqlite {state / 'outbox.sqlite3'}"
+        assert started["admin"] == f"http://127.0.0.1:{port}"
+        assert (started["drives"], started["webhooks"], started["accounts"]) == (1, 1, 1)
+        await wait_until(lambda: emulator.connected("me") == 1, timeout=30, what="connected")
+        await emulator.emit("me", 3)
+        await wait_until(lambda: len(receiver.requests) >= 3, what="three attempts")
+        daemon.signal(signal.SIGTERM)
+        assert await daemon.wait() == 0
+        (stopped,) = daemon.events("stopped")
+        assert (stopped["waiting"], stopped["waiting_per_webhook"]) == (3, {"hook": 3})
+    finally:
+        await daemon.stop()

@@ -7,7 +7,7 @@ import time
 import pytest
 from standardwebhooks import Webhook
 
-from relayd.signing import decode_secret, sign, signature_headers
+from relayd.signing import decode_secret, sign, signature_headers, verify
 
 SECRET_A = "whsec_" + base64.b64encode(b"a" * 32).decode()
 SECRET_B = "whsec_" + base64.b64encode(b"b" * 24).decode()
@@ -52,3 +52,24 @@ def test_prefix_is_optional_and_garbage_is_refused() -> None:
         decode_secret("whsec_!!!")
     with pytest.raises(ValueError, match="empty"):
         decode_secret("whsec_")
+
+
+def test_verify_agrees_with_the_reference_verifier() -> None:
+    body = b'{"type":"drive.notification"}'
+    now = int(time.time())
+    keys = [decode_secret(SECRET_A), decode_secret(SECRET_B)]
+    headers = signature_headers(keys, "msg_4", now, body)
+    Webhook(SECRET_B).verify(body, headers)  # the reference accepts what verify() accepts
+    for key in keys:
+        assert verify(key, headers, body, now=now) is None
+    assert verify(decode_secret(SECRET_A), headers, body + b" ", now=now) == (
+        "no signature matches the secret"
+    )
+    other = decode_secret("whsec_" + base64.b64encode(b"c" * 32).decode())
+    assert verify(other, headers, body, now=now) == "no signature matches the secret"
+    assert verify(keys[0], headers, body, now=now + 301) == (
+        "webhook-timestamp is more than 300 s away from now"
+    )
+    assert verify(keys[0], {"webhook-id": "m"}, body, now=now) == (
+        "webhook-id, webhook-timestamp or webhook-signature is missing"
+    )

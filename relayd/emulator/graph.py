@@ -23,12 +23,14 @@ import json
 import math
 import secrets
 import signal
+import ssl
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
 from urllib.parse import parse_qs
@@ -39,6 +41,7 @@ from aiohttp import web
 from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
 from relayd.emulator.delta import ChangeLog, InjectedDeltaError, answer_delta
+from relayd.emulator.tls import LOOPBACK_NAMES, throwaway_ca
 
 __all__ = ["GraphEmulator", "GraphRequest", "main"]
 
@@ -231,7 +234,9 @@ class GraphEmulator:
         announced_ping_interval: float | None = None,
         announced_ping_timeout: float | None = None,
         push_base_url: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: serve HTTPS and WSS with it (see relayd.emulator.tls); plain without."""
         if url_form not in ("notifications", "callback"):
             raise ValueError(f"url_form must be 'notifications' or 'callback', not {url_form!r}")
         if expiry not in ("close", "quiet"):
@@ -245,6 +250,8 @@ class GraphEmulator:
         self.url_form: UrlForm = url_form
         self.expiry: ExpiryBehaviour = expiry
         self.push_base_url = push_base_url
+        self._ssl_context = ssl_context
+        self.scheme = "https" if ssl_context is not None else "http"
         self._tokens = set(tokens)
         self._lifetime = float(lifetime)
         self._ping_interval = ping_interval
@@ -282,7 +289,7 @@ class GraphEmulator:
     @property
     def base_url(self) -> str:
         """What a relay config puts in graph.base_url."""
-        return f"http://{_netloc(self.host, self.port)}/v1.0"
+        return f"{self.scheme}://{_netloc(self.host, self.port)}/v1.0"
 
     @property
     def push_base_url(self) -> str | None:
@@ -296,7 +303,7 @@ class GraphEmulator:
     @property
     def push_url(self) -> str:
         """Scheme and authority of the notificationUrls handed out."""
-        return self.push_base_url or f"http://{_netloc(self.host, self.port)}"
+        return self.push_base_url or f"{self.scheme}://{_netloc(self.host, self.port)}"
 
     async def start(self) -> None:
         """Bind and serve; after this `port` and `base_url` are valid."""
@@ -326,7 +333,7 @@ class GraphEmulator:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_CLOSE_GRACE)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, self.host, self.port)
+            site = web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl_context)
             await site.start()
         except BaseException:
             await runner.cleanup()
@@ -855,9 +862,9 @@ def _query_number(request: web.Request, name: str, kind: type[_N], default: _N |
 # ---- standalone -------------------------------------------------------------------------------
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m relayd.emulator.graph",
+        prog=prog,
         description="Run the Graph socketIo emulator until SIGINT or SIGTERM.",
     )
     parser.add_argument("--host", default="127.0.0.1")
@@ -888,6 +895,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="what the OPEN packet announces instead of --ping-timeout",
     )
     parser.add_argument("--push-base-url", default=None)
+    parser.add_argument(
+        "--tls-ca-out",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="serve HTTPS/WSS with a certificate from a throwaway CA (needs trustme) and write"
+        " that CA's certificate to PATH, for relayd's tls.ca_file",
+    )
     return parser.parse_args(argv)
 
 
@@ -896,7 +911,13 @@ async def _serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)  # the handler only signals; the loop shuts down
+    context = None
+    if args.tls_ca_out is not None:
+        authority = throwaway_ca(sorted({*LOOPBACK_NAMES, args.host}))
+        authority.write_ca(args.tls_ca_out)
+        context = authority.server_context
     emulator = GraphEmulator(
+        ssl_context=context,
         host=args.host,
         port=args.port,
         tokens=args.tokens or ("test-token",),
@@ -914,8 +935,10 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    asyncio.run(_serve(_parse_args(argv)))
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "python -m relayd.emulator.graph"
+) -> int:
+    asyncio.run(_serve(_parse_args(argv, prog)))
     return 0
 
 

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -76,7 +77,10 @@ class WebhookReceiver:
         host: str = "127.0.0.1",
         port: int = 0,
         on_request: Callable[[ReceivedRequest], None] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context`: serve HTTPS with it (see relayd.emulator.tls); plain HTTP without."""
+        self._ssl_context = ssl_context
         self.host = host
         self.port = port
         self.requests: list[ReceivedRequest] = []
@@ -92,7 +96,8 @@ class WebhookReceiver:
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
 
     def url(self, name: str = "hook") -> str:
         return f"{self.base_url}/{_name(name)}"
@@ -107,7 +112,7 @@ class WebhookReceiver:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=_SHUTDOWN_GRACE)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            await web.TCPSite(runner, self.host, self.port, ssl_context=self._ssl_context).start()
         except BaseException:
             await runner.cleanup()
             raise

@@ -11,7 +11,7 @@ import json
 import socket
 import sqlite3
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +50,15 @@ class Daemon:
     """`relayd run --config PATH` as a child process; `wrap` runs it elsewhere (a namespace)."""
 
     def __init__(
-        self, config: Path, admin_port: int, *, wrap: Callable[[list[str]], list[str]] = list
+        self,
+        config: Path,
+        admin_port: int,
+        *,
+        wrap: Callable[[list[str]], list[str]] = list,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """`env`: the child's whole environment (None: this process's)."""
+        self.env = None if env is None else dict(env)
         self.config = config
         self.admin_port = admin_port
         self.log = config.parent / "relayd.log"
@@ -62,7 +69,7 @@ class Daemon:
         argv = self._wrap([sys.executable, "-m", "relayd", "run", "--config", str(self.config)])
         with self.log.open("ab") as log:
             self.process = await asyncio.create_subprocess_exec(
-                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log
+                *argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
             )
 
     def signal(self, signum: int) -> None:

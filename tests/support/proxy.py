@@ -58,9 +58,19 @@ class _Link:
 
 
 class FreezableProxy:
-    """Forwards 127.0.0.1:`port` to `target_host`:`target_port`, byte for byte, unless frozen."""
+    """Forwards `host`:`port` to `target_host`:`target_port`, byte for byte, unless frozen.
 
-    def __init__(self, target_port: int, *, target_host: str = "127.0.0.1", port: int = 0) -> None:
+    `host` may be another loopback address (127.0.0.2): the same server seen as a second host."""
+
+    def __init__(
+        self,
+        target_port: int,
+        *,
+        target_host: str = "127.0.0.1",
+        port: int = 0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.host = host
         self.target_host = target_host
         self.target_port = target_port
         self.port = port
@@ -90,7 +100,7 @@ class FreezableProxy:
         self._flowing.set()
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port)
+        self._server = await asyncio.start_server(self._handle, self.host, self.port)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
