@@ -363,15 +363,21 @@ class GraphClient:
         return f"{self.base_url}/{resource_path(resource)}/root/{tail}"
 
     async def socketio_endpoint(
-        self, resource: str, token: TokenSource, *, tenant: str = DEFAULT_TENANT, drive: str = ""
+        self,
+        resource: str,
+        token: TokenSource,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        drive: str = "",
+        priority: Priority = Priority.CONNECT,
     ) -> Subscription:
-        """GET the drive's socketIo endpoint (a connect's turn: first in its tenant's line)."""
+        """GET the drive's socketIo endpoint (a connect's or a renewal's turn: first in line)."""
         body = await self.get_json(
             self.drive_url(resource, "subscriptions/socketIo"),
             token,
             tenant=tenant,
             drive=drive,
-            priority=Priority.CONNECT,
+            priority=priority,
         )
         return parse_subscription(body)
 

@@ -14,9 +14,10 @@ request relayd makes (endpoint fetch, delta page, drive lookup) waits for a turn
   tenant until its `Retry-After` has passed (a 429 without one: THROTTLE_INITIAL doubling per
   throttled answer in a row, to THROTTLE_MAX). Requests already on their way are not called
   back; sockets stay up; other tenants are not touched;
-* **fair turns**: waiting requests are served by priority (a socket's connect or renewal, then
-  delta rounds, then the safety-net poll), and round-robin across drives within a priority, so a
-  drive paging through a huge delta takes turns with the others instead of holding the budget.
+* **fair turns**: waiting requests are served by priority (a connected socket's renewal, a
+  drive's connect, then delta rounds, then the safety-net poll), and round-robin across drives
+  within a priority, so a drive paging through a huge delta takes turns with the others
+  instead of holding the budget.
 
 `TenantBudget` is that logic, pure (time is passed in). `TenantGate` puts it on the event loop:
 `async with gate.turn(drive, priority):` waits for a grant, and the block is the request.
@@ -53,9 +54,10 @@ _log = structlog.get_logger("relayd.tenant")
 class Priority(IntEnum):
     """Who goes first when a tenant's requests wait (lower first)."""
 
-    CONNECT = 0  # endpoint fetch, renewal, the cursor a socket needs: a drive is deaf without it
-    ROUND = 1  # delta rounds after notifications, catch-ups after a connect, follow-ups
-    POLL = 2  # the safety-net poll: nothing says anything changed
+    RENEW = 0  # a connected socket's fresh endpoint: without it, a socket that is up goes down
+    CONNECT = 1  # endpoint fetch, the cursor a socket needs: a drive is deaf without them
+    ROUND = 2  # delta rounds after notifications, catch-ups after a connect, follow-ups
+    POLL = 3  # the safety-net poll: nothing says anything changed
 
 
 def tenant_key(account_name: str, account: AccountConfig) -> str:

@@ -50,7 +50,7 @@ from relayd.graph import (
 from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
 from relayd.outbox import NewDelivery, Outbox, OutboxError
-from relayd.tenant import DEFAULT_TENANT
+from relayd.tenant import DEFAULT_TENANT, Priority
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
 RENEW_MARGIN = 120.0
@@ -552,18 +552,22 @@ class DriveWatcher:
             self.log, f"drive {self.drive.name}", report or self.outage.tick(time.monotonic())
         )
 
-    async def _open(self) -> _Connection:
+    async def _open(self, priority: Priority = Priority.CONNECT) -> _Connection:
         # The token is fetched before a connect slot is taken: an account whose token source
         # hangs must not hold slots that every other account's drives are waiting for.
         token = await self._tokens.token()
         try:
-            return await self._open_with(token)
+            return await self._open_with(token, priority=priority)
         except _TokenRefused:
             pass
         # Graph refused it (401): a fresh one, again outside the slot; refused twice is an error.
-        return await self._open_with(await self._tokens.token(token), retry=False)
+        return await self._open_with(
+            await self._tokens.token(token), retry=False, priority=priority
+        )
 
-    async def _open_with(self, token: str, *, retry: bool = True) -> _Connection:
+    async def _open_with(
+        self, token: str, *, retry: bool = True, priority: Priority = Priority.CONNECT
+    ) -> _Connection:
         async def bearer(refused: str | None) -> str:
             if refused is None:
                 return token
@@ -575,7 +579,11 @@ class DriveWatcher:
         # outside the connect slot, so that a throttled tenant's drives never hold the slots
         # every other tenant's drives wait for. The slot paces the socket connects.
         subscription = await self._graph.socketio_endpoint(
-            self.drive.resource, bearer, tenant=self.tenant, drive=self.drive.name
+            self.drive.resource,
+            bearer,
+            tenant=self.tenant,
+            drive=self.drive.name,
+            priority=priority,
         )
         self.status.endpoint = subscription.target.display
         self._warn_if_unencrypted(subscription)
@@ -594,7 +602,9 @@ class DriveWatcher:
     async def _renew(self, current: _Connection) -> _Connection:
         """Switch to a fresh endpoint, make before break; keep the old one if that fails."""
         try:
-            fresh = await self._open()
+            # First in its tenant's line: a socket that is up stays up, even while thousands of
+            # other drives wait for their first connect.
+            fresh = await self._open(Priority.RENEW)
         except Exception as error:
             expires = current.subscription.expires_at
             self.log.warning(

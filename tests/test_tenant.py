@@ -96,14 +96,15 @@ def test_a_token_bucket_would_let_twice_the_rate_through_one_window_the_window_d
     assert max_in_any_window(arrivals) == 60
 
 
-def test_a_connect_goes_before_a_round_and_a_round_before_a_poll() -> None:
+def test_a_renewal_goes_first_then_a_connect_then_a_round_and_a_poll_last() -> None:
     budget = TenantBudget(10)
     budget.throttled(0.0, 5.0)  # everything queues while the tenant is paused
     poll = budget.submit("d1", Priority.POLL)
     round_ = budget.submit("d2", Priority.ROUND)
     connect = budget.submit("d3", Priority.CONNECT)
+    renew = budget.submit("d4", Priority.RENEW)
     assert budget.grant(1.0) is None
-    assert [budget.grant(5.0) for _ in range(4)] == [connect, round_, poll, None]
+    assert [budget.grant(5.0) for _ in range(5)] == [renew, connect, round_, poll, None]
 
 
 def test_drives_take_turns_so_a_busy_drive_does_not_hold_back_another() -> None:
