@@ -69,6 +69,7 @@ class MemoryOutbox:
         self._due: dict[str, list[tuple[float, int]]] = {}
         self._inflight: dict[str, int] = {}
         self._drives: dict[str, tuple[str, str | None]] = {}  # name -> (resource, delta cursor)
+        self._drive_ids: dict[str, tuple[str, str]] = {}  # name -> (resource, drive id)
         self._next_id = 1
         self._open = False
         self.commits = 0
@@ -154,10 +155,24 @@ class MemoryOutbox:
     ) -> None:
         self._check()
         self._drives[name] = (resource, cursor)
+        if self._drive_ids.get(name, (resource,))[0] != resource:
+            del self._drive_ids[name]
         if deliveries:
             self._insert(deliveries)
         else:
             self.commits += 1
+
+    async def drive_id(self, name: str) -> tuple[str, str] | None:
+        self._check()
+        return self._drive_ids.get(name)
+
+    async def save_drive_id(self, name: str, resource: str, drive_id: str) -> None:
+        self._check()
+        stored = self._drives.get(name)
+        if stored is None or stored[0] != resource:
+            self._drives[name] = (resource, None)
+        self._drive_ids[name] = (resource, drive_id)
+        self.commits += 1
 
     async def claim(self, webhook: str, limit: int, *, ordered: bool = False) -> list[Delivery]:
         self._check()

@@ -321,6 +321,7 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "malformed": status.malformed,
             "reconnects": status.reconnects,
             "renewals": status.renewals,
+            "drive_id": status.drive_id,  # what the resource resolved to; null until then
             "unstored": len(watcher.inbox),
             "backlog": supervisor.backlog.per_drive.get(name, 0),
             "account": watcher.drive.account,

@@ -1,4 +1,4 @@
-"""The `relayd` command: run, check-config, outbox, demo."""
+"""The `relayd` command: run, check-config, outbox, discover, demo."""
 
 from __future__ import annotations
 
@@ -513,26 +513,50 @@ def cmd_accounts(args: argparse.Namespace) -> int:
         print(f"{config_path(args.config)}: no accounts")
         return 0
 
-    async def check_all() -> list[AccountReport]:
+    from relayd.doctor import graph_accepts_tokens
+
+    async def check_all() -> tuple[list[AccountReport], dict[str, Any]]:
         client = _sign_in_client(config)
         checks = [
             check_account(name, account, config.state_dir, http_client=client)
             for name, account in config.accounts.items()
         ]
-        return list(await asyncio.gather(*checks))
+        # A token the source gives is not yet one Graph takes (revoked, wrong tenant or
+        # audience): one cheap GET each says which.
+        return list(await asyncio.gather(*checks)), await graph_accepts_tokens(config)
 
-    reports = asyncio.run(check_all())
+    reports, accepted = asyncio.run(check_all())
     print(f"{'account':<16} {'kind':<8} {'user':<30} {'scopes':<20} status")
+    ok = True
     for report in reports:
+        verdict = accepted[report.name]
+        until = _when(report.expires_at)
         if report.problem is not None:
-            status = report.problem
+            status, ok = report.problem, False
+        elif not verdict.ok:
+            status, ok = verdict.detail, False
         elif report.kind == "msal":
-            status = f"ok: silent refresh works (token until {_when(report.expires_at)})"
+            status = f"ok: silent refresh works, Graph accepts the token (until {until})"
         else:
-            status = f"ok: token obtained (until {_when(report.expires_at)})"
+            status = f"ok: Graph accepts the token (until {until})"
         scopes = " ".join(report.scopes) or "-"
         print(f"{report.name:<16} {report.kind:<8} {report.user or '-':<30} {scopes:<20} {status}")
-    return 0 if all(report.ok for report in reports) else 1
+    return 0 if ok else 1
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from relayd import discover  # only this command needs it
+
+    config = _load(args.config)
+    try:
+        listing = asyncio.run(discover.discover(config, args.account, search=args.search))
+    except discover.DiscoverError as exc:
+        print(f"relayd: discover: {exc}", file=sys.stderr)
+        return 1
+    # Notes (what was skipped) to stderr, so stdout is YAML to paste as it is.
+    sys.stderr.write(discover.notes_text(listing.notes))
+    sys.stdout.write(discover.render(listing, config, args.account))
+    return 0
 
 
 # -- demo ---------------------------------------------------------------------------------------
@@ -636,9 +660,25 @@ def build_parser() -> argparse.ArgumentParser:
     sign_out.set_defaults(handler=cmd_logout)
     command(
         "accounts",
-        "list the accounts and whether each gets a token now",
-        ["0  every account gets a token", "1  an account does not, or " + CONFIG_ERROR[3:]],
+        "list the accounts and whether each gets a token that Graph accepts now",
+        [
+            "0  every account gets a token and Graph accepts it",
+            "1  an account does not, or " + CONFIG_ERROR[3:],
+        ],
     ).set_defaults(handler=cmd_accounts)
+
+    find = command(
+        "discover",
+        "list the drives an account can watch, and print them as a drives: block to paste",
+        [
+            "0  listed (parts the account may not read are skipped with a note on stderr)",
+            "1  the account gets no token, Graph refused or failed a request, or "
+            + CONFIG_ERROR[3:],
+        ],
+    )
+    find.add_argument("--account", required=True, help="an account of the config")
+    find.add_argument("--search", help="also list the libraries of sites matching this text")
+    find.set_defaults(handler=cmd_discover)
 
     outbox = command(
         "outbox",

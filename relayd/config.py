@@ -56,7 +56,10 @@ __all__ = [
     "RetryConfig",
     "TlsConfig",
     "WebhookConfig",
+    "drive_address",
+    "is_name",
     "load_config",
+    "needs_lookup",
     "parse_config",
     "parse_duration",
     "resource_path",
@@ -213,7 +216,8 @@ def _duration_text_seconds(text: str) -> float | None:
 
 
 _RESOURCE_HELP: Final = (
-    "expected me, drives/{drive-id}, groups/{group-id} or sites/{site-id}/lists/{list-id}"
+    "expected me, drives/{drive-id}, groups/{group-id}, users/{user-id}, sites/{site-id}"
+    " or sites/{site-id}/lists/{list-id}"
 )
 
 
@@ -229,9 +233,10 @@ def _is_graph_id(text: str) -> bool:
 def resource_path(resource: str) -> str:
     """Return the Graph path of the drive behind a configured ``resource``.
 
-    ``me`` -> ``me/drive``; ``drives/X`` -> ``drives/X``; ``groups/X`` -> ``groups/X/drive``;
-    ``sites/S/lists/L`` -> ``sites/S/lists/L/drive``. Raises ``ValueError`` for anything else.
-    Site ids may contain commas and dots (``contoso.sharepoint.com,{guid},{guid}``).
+    ``me`` -> ``me/drive``; ``drives/X`` -> ``drives/X``; ``groups/X``, ``users/X`` and
+    ``sites/S`` (the site's default library) -> ``.../drive``; ``sites/S/lists/L`` ->
+    ``sites/S/lists/L/drive``. Raises ``ValueError`` for anything else. Site ids may contain
+    commas and dots (``contoso.sharepoint.com,{guid},{guid}``).
     """
     parts = resource.split("/")
     ids_ok = all(_is_graph_id(part) for part in parts[1::2])
@@ -239,7 +244,7 @@ def resource_path(resource: str) -> str:
         return "me/drive"
     if ids_ok and len(parts) == 2 and parts[0] == "drives":
         return resource
-    if ids_ok and len(parts) == 2 and parts[0] == "groups":
+    if ids_ok and len(parts) == 2 and parts[0] in ("groups", "users", "sites"):
         return f"{resource}/drive"
     if ids_ok and len(parts) == 4 and parts[0] == "sites" and parts[2] == "lists":
         return f"{resource}/drive"
@@ -249,10 +254,27 @@ def resource_path(resource: str) -> str:
     )
 
 
+def drive_address(resource: str, drive_id: str | None) -> str:
+    """Where relayd sends a drive's socketIo and delta requests: ``drives/{id}`` once the id is
+    known (some business tenants refuse ``/me/drive/root/subscriptions/socketIo`` with 400
+    notSupported while ``/drives/{id}/...`` works); ``resource`` itself until then."""
+    return f"drives/{drive_id}" if drive_id else resource
+
+
+def needs_lookup(resource: str) -> bool:
+    """Every form but ``drives/{id}`` names its drive indirectly: its id is looked up once."""
+    return not resource.startswith("drives/")
+
+
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_HELP: Final = (
     "expected 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
 )
+
+
+def is_name(text: str) -> bool:
+    """True for a valid drive, webhook or account name."""
+    return _NAME.fullmatch(text) is not None
 
 
 def _check_name(value: str) -> str:

@@ -72,14 +72,17 @@ def parse_delta_page(body: object) -> DeltaPage:
     return DeltaPage(items=items, next_link=next_link, delta_link=delta_link)
 
 
-def start_url(graph: GraphClient, drive: DriveConfig, *, baseline: bool) -> str:
-    """The first delta URL: from "now" (`token=latest`) or a full enumeration."""
+def start_url(
+    graph: GraphClient, drive: DriveConfig, *, baseline: bool, address: str | None = None
+) -> str:
+    """The first delta URL: from "now" (`token=latest`) or a full enumeration. `address` is
+    where the drive's requests go (`drives/{id}` once resolved), by default its resource."""
     query: dict[str, str] = {}
     if baseline:
         query["token"] = "latest"
     if drive.changes.select:
         query["$select"] = ",".join(drive.changes.select)
-    url = graph.drive_url(drive.resource, "delta")
+    url = graph.drive_url(address or drive.resource, "delta")
     return f"{url}?{urlencode(query)}" if query else url
 
 
@@ -114,6 +117,7 @@ class ChangeFeed:
         self._tokens = tokens
         self._outbox = outbox
         self._cursor: str | None = None
+        self.address = drive.resource  # drives/{id} once the watcher resolved it
         self._wake = asyncio.Event()
         self._first: float | None = None  # first notification not yet covered by a round
         self._last: float | None = None
@@ -141,23 +145,26 @@ class ChangeFeed:
 
     # -- the cursor -------------------------------------------------------------------------------
 
-    async def ensure_cursor(self) -> None:
+    async def ensure_cursor(self, address: str) -> None:
         """Have a cursor before the socket connects, so no change falls before the first one.
 
         A drive seen before continues from its stored cursor. A new drive (or one whose resource
-        changed) starts from "now", or from a full enumeration with `initial_sync: true`.
+        changed) starts from "now", or from a full enumeration with `initial_sync: true`, at
+        `address` (`drives/{id}`). A stored cursor is Graph's own link and is followed as is,
+        even one an older relayd took through `me/drive`: relayd never edits Graph's links.
         """
+        self.address = address
         stored = await self._outbox.drive_state(self.drive.name)
         if stored is not None and stored[0] == self.drive.resource and stored[1]:
             self._cursor = stored[1]
             return
         initial_sync = self.drive.changes.initial_sync
         if initial_sync:
-            cursor = start_url(self._graph, self.drive, baseline=False)
+            cursor = start_url(self._graph, self.drive, baseline=False, address=address)
         else:
             page = parse_delta_page(
                 await self._graph.get_json(
-                    start_url(self._graph, self.drive, baseline=True),
+                    start_url(self._graph, self.drive, baseline=True, address=address),
                     self._tokens.token,
                     tenant=self.tenant,
                     drive=self.drive.name,
@@ -288,7 +295,7 @@ class ChangeFeed:
         # Without a Location: a full enumeration if the drive asked for one at first, else "now"
         # (the resync notice tells receivers to look for themselves). The next page resolves it.
         cursor = error.location or start_url(
-            self._graph, drive, baseline=not drive.changes.initial_sync
+            self._graph, drive, baseline=not drive.changes.initial_sync, address=self.address
         )
         notice = resync_deliveries(
             drive.name, drive.resource, drive.webhook, f"delta {error.code}", time.time()

@@ -16,14 +16,13 @@ import os
 import socket
 import ssl
 import stat
-from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from relayd.auth import AuthError
+from relayd.auth import AuthError, HttpClient
 from relayd.config import AccountConfig, Config, WebhookConfig
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse
 from relayd.network import Network, Proxy, describe_connection_error
@@ -50,6 +49,19 @@ async def run_checks(config: Config) -> list[Check]:
     """Every check, accounts and webhooks concurrently; in the config's order. Connections go
     the way the daemon's go: its TLS trust (tls.ca_file) and its proxies."""
     network = Network.from_environment(config.tls.ca_file)
+    accounts, webhooks = await asyncio.gather(
+        graph_accepts_tokens(config),
+        asyncio.gather(
+            *(check_webhook(name, webhook, network) for name, webhook in config.webhooks.items())
+        ),
+    )
+    found = [*accounts.values(), *webhooks]
+    return [*found, *check_state_dir(config.state_dir), check_admin(config)]
+
+
+async def graph_accepts_tokens(config: Config) -> dict[str, Check]:
+    """check_account for every account, through the daemon's TLS trust and proxies."""
+    network = Network.from_environment(config.tls.ca_file)
     async with aiohttp.ClientSession(connector=network.connector()) as session:
         graph = GraphClient(
             session,
@@ -57,21 +69,29 @@ async def run_checks(config: Config) -> list[Check]:
             timeout=CONNECT_TIMEOUT,
             request_options=network.request_options(config.graph.base_url, config.graph.proxy),
         )
-        checks: list[Awaitable[Check]] = [
-            check_account(name, account, config, graph) for name, account in config.accounts.items()
-        ]
-        checks += [
-            check_webhook(name, webhook, network) for name, webhook in config.webhooks.items()
-        ]
-        found = list(await asyncio.gather(*checks))
-    return [*found, *check_state_dir(config.state_dir), check_admin(config)]
+        sign_in = network.sign_in_session(config.graph.proxy)
+        names = list(config.accounts)
+        checks = await asyncio.gather(
+            *(
+                check_account(name, config.accounts[name], config, graph, sign_in=sign_in)
+                for name in names
+            )
+        )
+    return dict(zip(names, checks, strict=True))
 
 
 async def check_account(
-    name: str, account: AccountConfig, config: Config, graph: GraphClient
+    name: str,
+    account: AccountConfig,
+    config: Config,
+    graph: GraphClient,
+    *,
+    sign_in: HttpClient | None = None,
 ) -> Check:
+    """A token from the account's source, then one GET that Graph answers only if it accepts
+    the token: the id of a drive the account watches (or its own)."""
     subject = f"account {name}"
-    provider = token_provider(name, account, config.state_dir)
+    provider = token_provider(name, account, config.state_dir, sign_in=sign_in)
     try:
         await provider.token()
     except AuthError as exc:

@@ -101,6 +101,39 @@ class GraphError(Exception):
         return self.status == 401
 
 
+class DriveLookupError(GraphError):
+    """Graph refused to say which drive a resource (`me`, `groups/{id}`, ...) is.
+
+    Still a GraphError with the same status, code and Retry-After, so it is retried (and
+    throttled) like any other; only its message names the drive and its resource."""
+
+    def __init__(self, drive: str, resource: str, error: GraphError) -> None:
+        super().__init__(
+            error.status,
+            error.code,
+            error.message,
+            retry_after=error.retry_after,
+            location=error.location,
+        )
+        self.args = (f"drive {drive!r}: cannot look up the drive id of {resource!r}: {error}",)
+
+
+def parse_drive_id(body: object) -> str:
+    """The `id` of a drive resource (`GET .../drive?$select=id`); pure."""
+    if not isinstance(body, Mapping):
+        raise InvalidGraphResponse("drive answer is not a JSON object")
+    drive_id = body.get("id")
+    # The id goes into every later URL path: nothing that could cut or walk the path.
+    if (
+        not isinstance(drive_id, str)
+        or not drive_id
+        or drive_id in (".", "..")
+        or any(char.isspace() or char in "/?#%" for char in drive_id)
+    ):
+        raise InvalidGraphResponse("drive answer has no usable 'id'")
+    return drive_id
+
+
 def parse_notification_url(url: str) -> SocketTarget:
     """Split a notificationUrl into the Engine.IO server URL and the Socket.IO namespace.
 
@@ -361,6 +394,25 @@ class GraphClient:
 
     def drive_url(self, resource: str, tail: str) -> str:
         return f"{self.base_url}/{resource_path(resource)}/root/{tail}"
+
+    async def drive_id(
+        self,
+        resource: str,
+        token: TokenSource,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        drive: str = "",
+    ) -> str:
+        """GET the id of the drive behind `resource` (`me` -> `/me/drive?$select=id`); a
+        connect's turn in its tenant's line (the socket waits for it)."""
+        body = await self.get_json(
+            f"{self.base_url}/{resource_path(resource)}?$select=id",
+            token,
+            tenant=tenant,
+            drive=drive,
+            priority=Priority.CONNECT,
+        )
+        return parse_drive_id(body)
 
     async def socketio_endpoint(
         self,

@@ -27,10 +27,12 @@ class Report:
 
 
 def spell(seconds: float) -> str:
-    """4m12s, 2h3m, 45s: a duration as people write it."""
+    """3d1h, 4m12s, 2h3m, 45s: a duration as people write it."""
     whole = round(seconds)
     hours, rest = divmod(whole, 3600)
     minutes, secs = divmod(rest, 60)
+    if hours >= 24:
+        return f"{hours // 24}d{hours % 24}h"
     if hours:
         return f"{hours}h{minutes}m"
     if minutes:

@@ -60,8 +60,9 @@ WAL_CHECKPOINT_BYTES_FULL = 256 << 10
 RESERVE_SUFFIX = ".reserve"
 ROOM_CHECK_INTERVAL = 1.0  # while full, how often a new notification may look for room again
 
-# 2 (this branch's attempts table): every failed attempt of a row, for `relayd outbox show`.
-SCHEMA_VERSION = 2
+# 2: the attempts table, every failed attempt of a row, for `relayd outbox show`.
+# 3: drives.drive_id (the id a `me`, `groups/...` or `sites/...` resource was resolved to).
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS deliveries (
     id            INTEGER PRIMARY KEY,
@@ -103,9 +104,21 @@ CREATE TABLE IF NOT EXISTS drives (
     name          TEXT    PRIMARY KEY,
     resource      TEXT    NOT NULL,
     cursor        TEXT,               -- the delta link to continue from (changes mode)
-    updated       REAL    NOT NULL
+    updated       REAL    NOT NULL,
+    drive_id      TEXT                -- what `resource` was resolved to (schema 3)
 );
 """
+# Columns later schemas added to tables that older files already have: (table, column, type).
+# CREATE TABLE IF NOT EXISTS leaves an existing table as it was, so they are added here.
+MIGRATIONS = (("drives", "drive_id", "TEXT"),)
+
+
+def _migrate(connection: sqlite3.Connection) -> None:
+    """Bring a file written by an older relayd up to SCHEMA_VERSION, in the open transaction."""
+    for table, column, kind in MIGRATIONS:
+        columns = {row[1] for row in connection.execute(f"PRAGMA table_info({table})")}
+        if column not in columns:
+            connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 class State(StrEnum):
@@ -550,6 +563,7 @@ class Outbox:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)
+            _migrate(connection)
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if self._recover:
                 connection.execute(
@@ -1189,14 +1203,47 @@ class Outbox:
         now = self._clock()
 
         def upsert(connection: sqlite3.Connection) -> None:
+            # A drive id belongs to the resource it was resolved from: another resource drops it.
             connection.execute(
                 "INSERT INTO drives (name, resource, cursor, updated) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT (name) DO UPDATE SET resource = excluded.resource,"
-                " cursor = excluded.cursor, updated = excluded.updated",
+                " cursor = excluded.cursor, updated = excluded.updated,"
+                " drive_id = CASE WHEN drives.resource = excluded.resource"
+                " THEN drives.drive_id END",
                 (name, resource, cursor, now),
             )
 
         await self._insert(deliveries, upsert)
+
+    async def drive_id(self, name: str) -> tuple[str, str] | None:
+        """(resource, drive id) remembered for a drive, or None if it was never resolved."""
+
+        def query(connection: sqlite3.Connection) -> tuple[str, str] | None:
+            row = connection.execute(
+                "SELECT resource, drive_id FROM drives WHERE name = ? AND drive_id IS NOT NULL",
+                (name,),
+            ).fetchone()
+            return None if row is None else (row[0], row[1])
+
+        return await self._submit(query)
+
+    async def save_drive_id(self, name: str, resource: str, drive_id: str) -> None:
+        """Remember what a drive's resource resolved to. A drive seen before with another
+        resource starts over: its delta cursor belonged to the other drive."""
+        now = self._clock()
+
+        def upsert(connection: sqlite3.Connection) -> None:
+            connection.execute(
+                "INSERT INTO drives (name, resource, cursor, updated, drive_id)"
+                " VALUES (?, ?, NULL, ?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET drive_id = excluded.drive_id,"
+                " updated = excluded.updated,"
+                " cursor = CASE WHEN drives.resource = excluded.resource THEN drives.cursor END,"
+                " resource = excluded.resource",
+                (name, resource, now, drive_id),
+            )
+
+        await self._insert((), upsert)
 
     # -- inspection and repair (the `relayd outbox` commands; safe beside a running daemon) -----
 

@@ -33,10 +33,11 @@ import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from relayd.auth import AuthError, TokenProvider
-from relayd.config import DriveConfig
+from relayd.config import DriveConfig, drive_address, needs_lookup
 from relayd.delta import ChangeFeed
 from relayd.events import notification_deliveries, resync_deliveries
 from relayd.graph import (
+    DriveLookupError,
     GraphClient,
     GraphError,
     InvalidGraphResponse,
@@ -108,6 +109,7 @@ class DriveStatus:
     reconnects: int = 0
     renewals: int = 0
     endpoint: str | None = None  # the notificationUrl without its query: safe to show
+    drive_id: str | None = None  # what the resource resolved to (`me` -> drives/{drive_id})
 
     def enter(self, state: DriveState, error: str | None = None) -> None:
         if state != self.state:
@@ -385,6 +387,9 @@ class DriveWatcher:
             else None
         )
         self.inbox = inbox or Inbox(QUEUE_ITEMS)
+        # Where the socketIo and delta requests go: drives/{id} once the resource is resolved.
+        self.address = drive.resource
+        self._seen_before: bool | None = None  # the drive ran before, with this resource
         self._write_failing_since: float | None = None
         self._stopping = asyncio.Event()
         self._generation = 0
@@ -420,16 +425,56 @@ class DriveWatcher:
     async def _prepare(self) -> bool:
         """Before the first connect: the delta cursor (changes mode), or a resync notice if the
         drive ran before (notifications mode: whatever happened while relayd was stopped is
-        gone)."""
+        gone). Both after the drive id is known, so both go through drives/{id}."""
+        if self._seen_before is None:  # asked before the drive id below writes the drive's row
+            stored = await self._outbox.drive_state(self.drive.name)
+            self._seen_before = stored is not None and stored[0] == self.drive.resource
+        self.address = await self._resolve()
         if self.feed is not None:
-            await self.feed.ensure_cursor()
+            await self.feed.ensure_cursor(self.address)
             return True
-        stored = await self._outbox.drive_state(self.drive.name)
-        if stored is not None and stored[0] == self.drive.resource:
+        if self._seen_before:
             self._resync("restart")
         else:
             await self._outbox.save_drive_state(self.drive.name, self.drive.resource, None)
         return True
+
+    async def _resolve(self) -> str:
+        """The drive's `drives/{id}` address: looked up once per resource, then remembered in
+        the outbox, so a restart asks Graph nothing; a changed resource is looked up again."""
+        drive = self.drive
+        if not needs_lookup(drive.resource):
+            self.status.drive_id = drive.resource.partition("/")[2]
+            return drive.resource
+        stored = await self._outbox.drive_id(drive.name)
+        if stored is not None and stored[0] == drive.resource:
+            drive_id = stored[1]
+        else:
+            drive_id = await self._look_up()
+            await self._outbox.save_drive_id(drive.name, drive.resource, drive_id)
+            self.log.info("drive id looked up", resource=drive.resource, drive_id=drive_id)
+        self.status.drive_id = drive_id
+        return drive_address(drive.resource, drive_id)
+
+    async def _look_up(self) -> str:
+        drive = self.drive
+        # As in _open: the token first. The lookup is a Graph request, paced by its tenant's
+        # turn (not the connect slot, which a throttled tenant's drives must not hold).
+        token = await self._tokens.token()
+
+        async def bearer(refused: str | None) -> str:
+            return token if refused is None else await self._tokens.token(refused)
+
+        try:
+            return await self._graph.drive_id(
+                drive.resource, bearer, tenant=self.tenant, drive=drive.name
+            )
+        except GraphError as error:
+            raise DriveLookupError(drive.name, drive.resource, error) from None
+        except InvalidGraphResponse as error:
+            raise InvalidGraphResponse(
+                f"drive {drive.name!r}: cannot look up the drive id of {drive.resource!r}: {error}"
+            ) from None
 
     def _connected(self, how: str) -> None:
         """A socket is up after `how` ("start", "reconnect" or "renewal")."""
@@ -579,7 +624,7 @@ class DriveWatcher:
         # outside the connect slot, so that a throttled tenant's drives never hold the slots
         # every other tenant's drives wait for. The slot paces the socket connects.
         subscription = await self._graph.socketio_endpoint(
-            self.drive.resource,
+            self.address,
             bearer,
             tenant=self.tenant,
             drive=self.drive.name,

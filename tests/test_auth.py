@@ -370,8 +370,9 @@ async def test_a_drive_waits_for_login_then_connects(
 # ---- the CLI --------------------------------------------------------------------------------
 
 
-def test_login_accounts_and_logout_commands(
+async def test_login_accounts_and_logout_commands(
     service: FakeLoginService,
+    emulator: GraphEmulator,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -379,10 +380,15 @@ def test_login_accounts_and_logout_commands(
     monkeypatch.setattr(auth, "default_http_client", service.http_client())
     piped = make_jwt({"exp": 4102444800, "upn": "ci@contoso.example", "scp": "Files.Read.All"})
     (tmp_path / "token").write_text(piped)
+    # `relayd accounts` asks Graph (the emulator) whether it takes each token.
+    service.on_access_token = emulator.accept_token
+    for token in (piped, "opaque-token"):
+        emulator.accept_token(token)
     config = tmp_path / "config.yaml"
     config.write_text(
         textwrap.dedent(
             f"""\
+            graph: {{base_url: "{emulator.base_url}"}}
             state_dir: state
             accounts:
               work:
@@ -401,19 +407,19 @@ def test_login_accounts_and_logout_commands(
         )
     )
 
-    def run(*argv: str) -> tuple[int, str, str]:
-        code = cli.main([*argv, "--config", str(config)])
+    async def run(*argv: str) -> tuple[int, str, str]:
+        code = await asyncio.to_thread(cli.main, [*argv, "--config", str(config)])
         out, err = capsys.readouterr()
         return code, out, err
 
-    code, out, _ = run("login", "work")
+    code, out, _ = await run("login", "work")
     assert code == 0
     assert "enter the code FAKE" in out
     assert out.rstrip().endswith(
         "account 'work' is signed in as ada@contoso.example; a running relayd uses it from now on"
     )
 
-    code, out, _ = run("accounts")
+    code, out, _ = await run("accounts")
     assert code == 1  # home is not signed in
     rows = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert out.splitlines()[0].split() == ["account", "kind", "user", "scopes", "status"]
@@ -425,7 +431,7 @@ def test_login_accounts_and_logout_commands(
         "Sites.Read.All",
         "ok:",
     ]
-    assert "silent refresh works" in rows["work"]
+    assert "silent refresh works, Graph accepts the token" in rows["work"]
     assert service.grants("refresh_token") == 1  # the check really refreshed
     assert rows["home"].split()[1:4] == ["msal", "-", "Files.Read"]
     assert rows["home"].endswith("account 'home' is not signed in: run `relayd login home`")
@@ -433,8 +439,15 @@ def test_login_accounts_and_logout_commands(
     assert rows["piped"].split()[1:5] == ["file", "ci@contoso.example", "Files.Read.All", "ok:"]
     assert "2100-01-01 00:00:00Z" in rows["piped"]
 
+    # A token its source still gives, but that Graph no longer takes, is not "ok".
+    emulator.revoke_token("opaque-token")
+    code, out, _ = await run("accounts")
+    assert code == 1
+    ci = next(line for line in out.splitlines() if line.startswith("ci "))
+    assert "token obtained, but Graph refused it for its own drive: Graph answered 401" in ci
+
     service.revoke(ADA.username)
-    code, out, _ = run("accounts")
+    code, out, _ = await run("accounts")
     assert code == 1
     work = next(line for line in out.splitlines() if line.startswith("work "))
     assert "ada@contoso.example" in work  # who was signed in is still shown
@@ -442,17 +455,17 @@ def test_login_accounts_and_logout_commands(
         "account 'work' needs `relayd login work` again: invalid_grant (AADSTS700082)"
     )
 
-    assert run("logout", "work")[:2] == (
+    assert (await run("logout", "work"))[:2] == (
         0,
         "account 'work' is signed out; its drives wait for `relayd login`\n",
     )
-    assert run("logout", "work")[:2] == (0, "account 'work' was not signed in\n")
-    code, _, err = run("login", "ci")
+    assert (await run("logout", "work"))[:2] == (0, "account 'work' was not signed in\n")
+    code, _, err = await run("login", "ci")
     assert (code, err) == (
         1,
         "relayd: account 'ci' gets its tokens from token_command: it has no sign-in\n",
     )
-    code, _, err = run("login", "nobody")
+    code, _, err = await run("login", "nobody")
     assert code == 1
     assert err == "relayd: no account 'nobody' in the config (accounts: ci, home, piped, work)\n"
 

@@ -378,7 +378,7 @@ def test_several_problems_are_all_reported_sorted_by_line() -> None:
         webhooks:
           w: {url: ftp://x, concurrency: 0, timeout: 0}
         drives:
-          - {name: -bad, account: a, resource: users/x, webhook: w}
+          - {name: -bad, account: a, resource: teams/x, webhook: w}
         admin: {listen: "localhost:99999"}
         """
 
@@ -393,8 +393,9 @@ def test_several_problems_are_all_reported_sorted_by_line() -> None:
         "config.yaml:6: webhooks.w.concurrency: Input should be greater than or equal to 1",
         "config.yaml:8: drives[0].name: invalid name '-bad': expected 1 to 64 letters, digits,"
         " '.', '_' or '-', starting with a letter or digit",
-        "config.yaml:8: drives[0].resource: unsupported resource 'users/x': expected me,"
-        " drives/{drive-id}, groups/{group-id} or sites/{site-id}/lists/{list-id}",
+        "config.yaml:8: drives[0].resource: unsupported resource 'teams/x': expected me,"
+        " drives/{drive-id}, groups/{group-id}, users/{user-id}, sites/{site-id}"
+        " or sites/{site-id}/lists/{list-id}",
         "config.yaml:9: admin.listen: port must be between 0 and 65535",
     ]
 
@@ -818,6 +819,8 @@ def test_home_is_not_expanded() -> None:
         ("me", "me/drive"),
         ("drives/b!AbC-123_x", "drives/b!AbC-123_x"),
         ("groups/0f0e-11", "groups/0f0e-11/drive"),
+        ("users/alice@contoso.com", "users/alice@contoso.com/drive"),
+        ("sites/contoso.sharepoint.com,a1b2,c3d4", "sites/contoso.sharepoint.com,a1b2,c3d4/drive"),
         (
             "sites/contoso.sharepoint.com,a1b2,c3d4/lists/e5f6",
             "sites/contoso.sharepoint.com,a1b2,c3d4/lists/e5f6/drive",
@@ -839,11 +842,12 @@ def test_resource_path(resource: str, path: str) -> None:
         "drives/a b",
         "groups/",
         "groups/x/drive",
-        "sites/s",
+        "users/",
+        "users/x/drive",
         "sites/s/lists/",
         "sites//lists/l",
         "sites/s/drives/l",
-        "users/x",
+        "teams/x",
         "drives/..",
         "drives/x?y",
     ],

@@ -741,11 +741,20 @@ async def test_outbox_commands_refuse_a_name_that_is_nowhere_and_list_says_where
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     receiver.set_default("hook", ScriptedResponse(503))
-    config_file, config = write_config(tmp_path, emulator, receiver)
+    # One attempt each, then an hour's wait: the rows stay pending while the test looks.
+    slow = {"initial_delay": "1h", "max_delay": "2h"}
+    webhooks = {"hook": {"url": receiver.url("hook"), "retry": slow}}
+    config_file, config = write_config(tmp_path, emulator, receiver, webhooks=webhooks)
     relay = await start_relay(config)
     outbox = await relay_ready(relay, emulator)
     await emulator.emit("me", 3)
     await wait_until(lambda: len(receiver.requests) >= 3, what="three failed attempts")
+
+    async def recorded() -> bool:
+        rows = await outbox.rows(Filter(state=State.PENDING))
+        return len(rows) == 3 and all(row["attempts"] == 1 for row in rows)
+
+    await eventually(recorded, what="three failures recorded, each due in an hour")
     capsys.readouterr()
 
     for flag, name in (("--webhook", "hoook"), ("--drive", "d9")):
@@ -760,4 +769,3 @@ async def test_outbox_commands_refuse_a_name_that_is_nowhere_and_list_says_where
     assert "(stopped at --limit 2; more rows match" in captured.err
     assert "next attempt" in captured.out.splitlines()[0]
     assert all(" pending " in row and row.count("Z") >= 2 for row in rows)  # created and due
-    assert await count(outbox, "hook", State.PENDING) >= 2

@@ -43,7 +43,8 @@ def write(tmp_path: Path, document: dict[str, Any]) -> Path:
 
 
 def line_of(lines: list[str], subject: str) -> str:
-    found = [line for line in lines if line.split()[1:3] == subject.split()]
+    words = subject.split()  # "account test" or "state_dir": the words after the verdict
+    found = [line for line in lines if line.split()[1 : 1 + len(words)] == words]
     assert len(found) == 1, (subject, lines)
     return found[0]
 

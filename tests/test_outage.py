@@ -15,7 +15,14 @@ from relayd.outage import Outage, Report, spell
 
 
 def test_spell_writes_durations_as_people_do() -> None:
-    assert [spell(s) for s in (0, 45.4, 252, 3600, 7380)] == ["0s", "45s", "4m12s", "1h0m", "2h3m"]
+    assert [spell(s) for s in (0, 45.4, 252, 3600, 7380, 3 * 86400 + 4000)] == [
+        "0s",
+        "45s",
+        "4m12s",
+        "1h0m",
+        "2h3m",
+        "3d1h",
+    ]
 
 
 def test_one_line_when_it_starts_then_at_most_one_a_minute() -> None:

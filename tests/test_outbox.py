@@ -632,3 +632,28 @@ async def test_rows_committed_after_their_writer_stopped_waiting_still_reach_the
     assert dispatcher.handed is not None
     assert [row.message_id for row in dispatcher.handed] == ["msg_hook_d1_1"]
     assert on_disk(path, "SELECT state FROM deliveries") == [("inflight",)]
+
+
+# -- drive state --------------------------------------------------------------------------------
+
+
+async def test_a_drive_id_belongs_to_its_resource_and_a_cursor_to_its_drive_id(
+    outbox: Outbox, path: Path
+) -> None:
+    await outbox.save_drive_id("d1", "me", "b!one")
+    await outbox.save_drive_state("d1", "me", "https://graph/drives/b!one/root/delta?token=1")
+    # Same resource: both kept, across a reopen.
+    assert await outbox.drive_id("d1") == ("me", "b!one")
+    async with Outbox(path, recover=False) as again:
+        assert await again.drive_id("d1") == ("me", "b!one")
+        assert await again.drive_state("d1") == (
+            "me",
+            "https://graph/drives/b!one/root/delta?token=1",
+        )
+    # A new resource resolved: the old drive's cursor goes with its id.
+    await outbox.save_drive_id("d1", "groups/g", "b!two")
+    assert await outbox.drive_state("d1") == ("groups/g", None)
+    # A new resource saved by its cursor first: the old id is not the new resource's.
+    await outbox.save_drive_state("d1", "sites/s", None)
+    assert await outbox.drive_id("d1") is None
+    assert await outbox.drive_id("never-seen") is None

@@ -1,9 +1,12 @@
 """An in-process fake of Microsoft Graph's socketIo change notifications, for tests and demos.
 
-One aiohttp app on one port plays both halves of the real service:
+One aiohttp app on one port plays the parts of the real service a relay meets:
 
 * Graph's "Get websocket endpoint" API (`GET /v1.0/.../root/subscriptions/socketIo`), which hands
-  out a subscription whose notificationUrl names the push service, and
+  out a subscription whose notificationUrl names the push service,
+* Graph's drive resources (`GET /me/drive`, `/groups/{id}/drive`, ...: each drive has an id, and
+  `drives/{id}` is the same drive) and the listings `relayd discover` reads (followed and
+  searched sites, their libraries, joined teams and groups), in pages, and
 * the push service itself: a Socket.IO server (websocket transport only, as Graph) whose namespace
   is the notificationUrl's path and whose opaque query string is the credential.
 
@@ -33,7 +36,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Literal, TypeVar
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlencode
 
 import engineio
 import socketio
@@ -43,7 +46,7 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from relayd.emulator.delta import ChangeLog, InjectedDeltaError, answer_delta
 from relayd.emulator.tls import LOOPBACK_NAMES, throwaway_ca
 
-__all__ = ["GraphEmulator", "GraphRequest", "main"]
+__all__ = ["EmulatedSite", "GraphEmulator", "GraphRequest", "main"]
 
 UrlForm = Literal["notifications", "callback"]
 ExpiryBehaviour = Literal["close", "quiet"]
@@ -145,15 +148,67 @@ class _Throttle:
     count: int
 
 
+def _new_drive_id() -> str:
+    # Business drive ids look like this: "b!" and URL-safe base64 (so "-" and "_" too).
+    return f"b!{secrets.token_urlsafe(24)}"
+
+
 @dataclass
 class _Drive:
-    resource: str
-    drive_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    resource: str  # the name it was first used under: what the counters are keyed by
+    drive_id: str = field(default_factory=_new_drive_id)
     web_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    name: str = "OneDrive"
+    drive_type: str = "business"
+    web_url: str = "https://emulator-my.sharepoint.com/personal/user_emulator_example"
     seq: int = 0
     errors: collections.deque[_InjectedError] = field(default_factory=collections.deque)
+    lookup_errors: collections.deque[_InjectedError] = field(default_factory=collections.deque)
     subscriptions: list[_Subscription] = field(default_factory=list)
     changes: ChangeLog = field(default_factory=ChangeLog)
+
+    def as_graph(self, base_url: str, select: str | None) -> dict[str, Any]:
+        """The drive resource as Graph answers it, `$select` applied."""
+        body: dict[str, Any] = {
+            "id": self.drive_id,
+            "name": self.name,
+            "driveType": self.drive_type,
+            "webUrl": self.web_url,
+            "description": "",
+        }
+        if select:
+            fields = {part.strip() for part in select.split(",")}
+            body = {key: value for key, value in body.items() if key in fields}
+        return {"@odata.context": f"{base_url}/$metadata#drives/$entity", **body}
+
+
+@dataclass
+class _Site:
+    id: str
+    name: str
+    web_url: str
+    libraries: list[_Drive]
+    followed: bool
+    forbidden: bool  # its /drives answers 403, as a site the user lost access to does
+
+    def as_graph(self) -> dict[str, Any]:
+        return {"id": self.id, "displayName": self.name, "name": self.name, "webUrl": self.web_url}
+
+
+@dataclass
+class _Group:
+    id: str
+    name: str
+    team: bool
+    unified: bool  # a Microsoft 365 group, which has a drive; a security group has none
+
+
+@dataclass(frozen=True)
+class EmulatedSite:
+    """What `GraphEmulator.add_site` made: the site's id and its libraries' `drives/{id}`."""
+
+    id: str
+    drives: tuple[str, ...]
 
 
 @dataclass
@@ -212,8 +267,16 @@ class GraphEmulator:
     """Fake Graph socketIo endpoint plus push service; see the module docstring.
 
     Drives are keyed by the resource string relayd's config writes: "me", "drives/{id}",
-    "groups/{id}", "sites/{siteId}/lists/{listId}". Any id is accepted; a drive exists from its
-    first use.
+    "groups/{id}", "users/{id}", "sites/{siteId}", "sites/{siteId}/lists/{listId}". Any id is
+    accepted; a drive exists from its first use, gets a drive id then, and from then on
+    `drives/{that id}` is the same drive (GET `/me/drive` tells it, as Graph's does). The
+    counters (`endpoint_requests`, `connects`, ...) are keyed by the name a drive was first used
+    under; the methods (`emit`, `connected`, ...) take any of its names.
+
+    `me_not_supported` makes every `/me/drive/root/...` path answer 400 notSupported while
+    `/drives/{id}/...` works, as some business tenants do. `add_site` and `add_group` give the
+    signed-in user sites and groups for `relayd discover`; listings come in pages of
+    `list_page_size`.
 
     `push_base_url` (an attribute too, read at each endpoint GET) sends clients elsewhere for the
     socket, e.g. to a proxy in front of this emulator, which can only be built once `port` is
@@ -234,6 +297,7 @@ class GraphEmulator:
         announced_ping_interval: float | None = None,
         announced_ping_timeout: float | None = None,
         push_base_url: str | None = None,
+        me_not_supported: bool = False,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         """`ssl_context`: serve HTTPS and WSS with it (see relayd.emulator.tls); plain without."""
@@ -250,6 +314,7 @@ class GraphEmulator:
         self.url_form: UrlForm = url_form
         self.expiry: ExpiryBehaviour = expiry
         self.push_base_url = push_base_url
+        self.me_not_supported = me_not_supported
         self._ssl_context = ssl_context
         self.scheme = "https" if ssl_context is not None else "http"
         self._tokens = set(tokens)
@@ -268,6 +333,13 @@ class GraphEmulator:
         self.requests: list[GraphRequest] = []  # every Graph API request, in arrival order
         self.token_tenants: dict[str, str] = {}
         self._throttles: list[_Throttle] = []
+        # GET {resource}/drive (`me` -> /me/drive), keyed by the resource as the request wrote it.
+        self.drive_lookups: collections.Counter[str] = collections.Counter()
+        # Every Graph request by path (no query): which form of a drive's address was used.
+        self.graph_paths: collections.Counter[str] = collections.Counter()
+        self.list_page_size = 2  # small, so that every listing has pages to follow
+        self._sites: list[_Site] = []
+        self._groups: list[_Group] = []
 
         self._tenant_id = str(uuid.uuid4())
         self._drives: dict[str, _Drive] = {}
@@ -403,6 +475,63 @@ class GraphEmulator:
         """Lifetime of subscriptions created from now on; existing ones keep theirs."""
         self._lifetime = float(seconds)
 
+    def inject_lookup_error(
+        self,
+        resource: str,
+        status: int,
+        code: str,
+        *,
+        retry_after: float | None = None,
+        count: int = 1,
+    ) -> None:
+        """Answer the next `count` GETs of the drive resource itself (`/me/drive`,
+        `/groups/{id}/drive`, ...) with this Graph error; status 200 answers a body that is not
+        JSON."""
+        drive = self._drive(resource)
+        for _ in range(count):
+            drive.lookup_errors.append(_InjectedError(status, code, retry_after))
+
+    def drive_id(self, resource: str) -> str:
+        """The drive id behind any of a drive's names."""
+        return self._drive(resource).drive_id
+
+    # ---- what the user can find (`relayd discover`) -------------------------------------------
+
+    def add_site(
+        self,
+        name: str,
+        libraries: Sequence[str] = ("Documents",),
+        *,
+        followed: bool = True,
+        forbidden: bool = False,
+    ) -> EmulatedSite:
+        """A SharePoint site with these document libraries, followed by the user or only found
+        by search; `forbidden`: listing its libraries answers 403."""
+        site_id = f"emulator.sharepoint.com,{uuid.uuid4()},{uuid.uuid4()}"
+        web_url = f"https://emulator.sharepoint.com/sites/{name.replace(' ', '')}"
+        drives = []
+        for library in libraries:
+            drive = self._drive(f"sites/{site_id}/lists/{uuid.uuid4()}")
+            drive.name, drive.drive_type = library, "documentLibrary"
+            drive.web_url = f"{web_url}/{library.replace(' ', '%20')}"
+            drives.append(drive)
+        self._sites.append(_Site(site_id, name, web_url, drives, followed, forbidden))
+        return EmulatedSite(site_id, tuple(f"drives/{d.drive_id}" for d in drives))
+
+    def add_group(self, name: str, *, team: bool = False, unified: bool = True) -> str:
+        """A group the user is a member of (a team too with `team`); returns `groups/{id}`.
+        A group that is not `unified` (a security group) has no drive."""
+        group = _Group(str(uuid.uuid4()), name, team, unified)
+        self._groups.append(group)
+        resource = f"groups/{group.id}"
+        if unified:
+            drive = self._drive(resource)
+            drive.name, drive.drive_type = "Documents", "documentLibrary"
+            drive.web_url = (
+                f"https://emulator.sharepoint.com/sites/{name.replace(' ', '')}/Shared%20Documents"
+            )
+        return resource
+
     def inject_error(
         self,
         resource: str,
@@ -488,14 +617,15 @@ class GraphEmulator:
                 return await self._send(drive, lambda _sub: raw)
             for _ in range(count):
                 drive.seq += 1
-                self.emitted[resource] = drive.seq
+                self.emitted[drive.resource] = drive.seq
                 payload = functools.partial(self._payload, drive, seq=drive.seq)
                 reached += await self._send(drive, payload)
         return reached
 
     async def kick(self, resource: str) -> int:
         """Disconnect, server side, every live socket of the drive; returns how many."""
-        victims = [(s, c) for s, c in self._conns.items() if c.subscription.resource == resource]
+        name = self._drive(resource).resource
+        victims = [(s, c) for s, c in self._conns.items() if c.subscription.resource == name]
         for sid, conn in victims:
             await self._close_socket(sid, conn)
         return len(victims)
@@ -508,10 +638,11 @@ class GraphEmulator:
 
     def connected(self, resource: str, *, include_expired: bool = True) -> int:
         """Live sockets of the drive now; with include_expired=False, only unexpired ones."""
+        name = self._drive(resource).resource
         return sum(
             1
             for conn in self._conns.values()
-            if conn.subscription.resource == resource
+            if conn.subscription.resource == name
             and (include_expired or not conn.subscription.is_expired())
         )
 
@@ -522,7 +653,10 @@ class GraphEmulator:
     def state(self) -> dict[str, dict[str, int]]:
         """Per-drive counters, as the control API's `GET /_emulator/state` returns them."""
         names = (
-            set(self._drives) | set(self.endpoint_requests) | set(self.connects) | set(self.emitted)
+            {drive.resource for drive in self._drives.values()}  # not their drives/{id} aliases
+            | set(self.endpoint_requests)
+            | set(self.connects)
+            | set(self.emitted)
         )
         return {
             name: {
@@ -530,6 +664,7 @@ class GraphEmulator:
                 "endpoint_requests": self.endpoint_requests[name],
                 "connects": self.connects[name],
                 "emitted": self.emitted.get(name, 0),
+                "drive_lookups": self.drive_lookups[name],
             }
             for name in sorted(names)
         }
@@ -537,9 +672,16 @@ class GraphEmulator:
     # ---- internals: subscriptions -------------------------------------------------------------
 
     def _drive(self, resource: str) -> _Drive:
+        """The drive any of its names means; a new one for a name never used."""
         drive = self._drives.get(resource)
         if drive is None:
-            drive = self._drives[resource] = _Drive(resource)
+            kind, _, rest = resource.partition("/")
+            drive = _Drive(resource)
+            if kind == "drives" and rest:
+                drive.drive_id = rest
+            drive.changes.drive_id = drive.drive_id
+            self._drives[resource] = drive
+            self._drives.setdefault(f"drives/{drive.drive_id}", drive)
         return drive
 
     def _new_subscription(self, drive: _Drive) -> tuple[_Subscription, str]:
@@ -682,28 +824,38 @@ class GraphEmulator:
     # ---- internals: HTTP ----------------------------------------------------------------------
 
     def _add_graph_routes(self, app: web.Application) -> None:
+        drive_paths = (
+            "/v1.0/me/drive",
+            "/v1.0/drives/{drive_id}",
+            "/v1.0/groups/{group_id}/drive",
+            "/v1.0/users/{user_id}/drive",
+            "/v1.0/sites/{site_id}/drive",
+            "/v1.0/sites/{site_id}/lists/{list_id}/drive",
+        )
         for tail, handler in (
-            ("root/subscriptions/socketIo", self._socketio_endpoint),
-            ("root/delta", self._delta),
+            ("", self._drive_resource),
+            ("/root/subscriptions/socketIo", self._socketio_endpoint),
+            ("/root/delta", self._delta),
         ):
-            for path in (
-                f"/v1.0/me/drive/{tail}",
-                f"/v1.0/drives/{{drive_id}}/{tail}",
-                f"/v1.0/groups/{{group_id}}/drive/{tail}",
-                f"/v1.0/sites/{{site_id}}/lists/{{list_id}}/drive/{tail}",
-            ):
-                app.router.add_get(path, handler)
+            for path in drive_paths:
+                app.router.add_get(f"{path}{tail}", handler)
+        app.router.add_get("/v1.0/me/followedSites", self._followed_sites)
+        app.router.add_get("/v1.0/sites", self._search_sites)
+        app.router.add_get("/v1.0/sites/{site_id}/drives", self._site_drives)
+        app.router.add_get("/v1.0/me/joinedTeams", self._joined_teams)
+        app.router.add_get("/v1.0/me/memberOf/microsoft.graph.group", self._member_of)
 
     @staticmethod
     def _resource_of(request: web.Request) -> tuple[str, str]:
         """The drive's resource as relayd's config writes it, and its Graph path."""
         match = request.match_info
-        if "site_id" in match:
+        if "list_id" in match:
             resource = f"sites/{match['site_id']}/lists/{match['list_id']}"
             return resource, f"{resource}/drive"
-        if "group_id" in match:
-            resource = f"groups/{match['group_id']}"
-            return resource, f"{resource}/drive"
+        for key, kind in (("site_id", "sites"), ("group_id", "groups"), ("user_id", "users")):
+            if key in match:
+                resource = f"{kind}/{match[key]}"
+                return resource, f"{resource}/drive"
         if "drive_id" in match:
             resource = f"drives/{match['drive_id']}"
             return resource, resource
@@ -738,6 +890,115 @@ class GraphEmulator:
         response = await handler(request)
         return response
 
+    def _refuse_me(self, request: web.Request) -> web.Response | None:
+        """What some business tenants answer on /me/drive/root/... (abraunegg/onedrive #3637)."""
+        if self.me_not_supported and request.path.startswith("/v1.0/me/drive/root/"):
+            return _graph_error(
+                400, "notSupported", "Operation not supported for this drive addressing."
+            )
+        return None
+
+    async def _drive_resource(self, request: web.Request) -> web.Response:
+        """GET {resource}/drive: the drive itself, its id above all."""
+        resource, _ = self._resource_of(request)
+        self.graph_paths[request.path] += 1
+        self.drive_lookups[resource] += 1
+        refused = self._refuse_bearer(request)
+        if refused is not None:
+            return refused
+        if resource.startswith("groups/") and any(
+            g.id == resource.partition("/")[2] and not g.unified for g in self._groups
+        ):
+            return _graph_error(404, "itemNotFound", "The group has no drive.")
+        drive = self._drive(resource)
+        if drive.lookup_errors:
+            err = drive.lookup_errors.popleft()
+            if err.status == 200:
+                return web.Response(text="<html>a captive portal</html>", content_type="text/html")
+            return _graph_error(
+                err.status, err.code, "Injected by the emulator.", retry_after=err.retry_after
+            )
+        return web.Response(
+            text=json.dumps(drive.as_graph(self.base_url, request.query.get("$select"))),
+            headers={"Content-Type": _GRAPH_JSON},
+        )
+
+    def _listing(self, request: web.Request, items: list[dict[str, Any]]) -> web.Response:
+        """One page of a collection, `@odata.nextLink` to the next (`$skiptoken` an offset)."""
+        try:
+            offset = int(request.query.get("$skiptoken", "0"))
+        except ValueError:
+            return _graph_error(400, "invalidRequest", "Invalid skip token.")
+        size = max(1, self.list_page_size)
+        body: dict[str, Any] = {
+            "@odata.context": f"{self.base_url}/$metadata#collection",
+            "value": items[offset : offset + size],
+        }
+        if offset + size < len(items):
+            query = {k: v for k, v in request.query.items() if k != "$skiptoken"}
+            query["$skiptoken"] = str(offset + size)
+            body["@odata.nextLink"] = f"{self.base_url}{request.path[5:]}?{urlencode(query)}"
+        return web.Response(text=json.dumps(body), headers={"Content-Type": _GRAPH_JSON})
+
+    def _listed(self, request: web.Request) -> web.Response | None:
+        self.graph_paths[request.path] += 1
+        return self._refuse_bearer(request)
+
+    async def _followed_sites(self, request: web.Request) -> web.Response:
+        refused = self._listed(request)
+        if refused is not None:
+            return refused
+        return self._listing(request, [s.as_graph() for s in self._sites if s.followed])
+
+    async def _search_sites(self, request: web.Request) -> web.Response:
+        refused = self._listed(request)
+        if refused is not None:
+            return refused
+        text = request.query.get("search")
+        if text is None:
+            return _graph_error(400, "invalidRequest", "Only ?search= is supported here.")
+        text = text.strip().lower()
+        found = [s for s in self._sites if text in ("", "*") or text in s.name.lower()]
+        return self._listing(request, [s.as_graph() for s in found])
+
+    async def _site_drives(self, request: web.Request) -> web.Response:
+        refused = self._listed(request)
+        if refused is not None:
+            return refused
+        site = next((s for s in self._sites if s.id == request.match_info["site_id"]), None)
+        if site is None:
+            return _graph_error(404, "itemNotFound", "Site not found.")
+        if site.forbidden:
+            return _graph_error(403, "accessDenied", "Access denied.")
+        return self._listing(
+            request, [drive.as_graph(self.base_url, None) for drive in site.libraries]
+        )
+
+    async def _joined_teams(self, request: web.Request) -> web.Response:
+        refused = self._listed(request)
+        if refused is not None:
+            return refused
+        teams = [
+            {"id": g.id, "displayName": g.name, "description": ""} for g in self._groups if g.team
+        ]
+        return self._listing(request, teams)
+
+    async def _member_of(self, request: web.Request) -> web.Response:
+        refused = self._listed(request)
+        if refused is not None:
+            return refused
+        groups = [
+            {
+                "id": g.id,
+                "displayName": g.name,
+                "groupTypes": ["Unified"] if g.unified else [],
+                "mailEnabled": g.unified,
+                "securityEnabled": not g.unified,
+            }
+            for g in self._groups
+        ]
+        return self._listing(request, groups)
+
     def _refuse_bearer(self, request: web.Request) -> web.Response | None:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -750,13 +1011,15 @@ class GraphEmulator:
 
     async def _delta(self, request: web.Request) -> web.StreamResponse:
         resource, path = self._resource_of(request)
-        self.delta_requests[resource] += 1
-        refused = self._refuse_bearer(request)
+        drive = self._drive(resource)
+        self.delta_requests[drive.resource] += 1
+        self.graph_paths[request.path] += 1
+        refused = self._refuse_bearer(request) or self._refuse_me(request)
         if refused is not None:
             return refused
         return await answer_delta(
             request,
-            self._drive(resource).changes,
+            drive.changes,
             base_url=self.base_url,
             path=path,
             page_size=self.delta_page_size,
@@ -764,10 +1027,11 @@ class GraphEmulator:
 
     async def _socketio_endpoint(self, request: web.Request) -> web.Response:
         resource, _ = self._resource_of(request)
-        self.endpoint_requests[resource] += 1
         drive = self._drive(resource)
+        self.endpoint_requests[drive.resource] += 1
+        self.graph_paths[request.path] += 1
 
-        refused = self._refuse_bearer(request)
+        refused = self._refuse_bearer(request) or self._refuse_me(request)
         if refused is not None:
             return refused
         if drive.errors:
@@ -797,6 +1061,32 @@ class GraphEmulator:
         app.router.add_post("/_emulator/lifetime", self._control_lifetime)
         app.router.add_get("/_emulator/state", self._control_state)
         app.router.add_post("/_emulator/change", self._control_change)
+        app.router.add_post("/_emulator/site", self._control_site)
+        app.router.add_post("/_emulator/group", self._control_group)
+
+    async def _control_site(self, request: web.Request) -> web.Response:
+        name = request.query.get("name")
+        if not name:
+            raise web.HTTPBadRequest(text="missing ?name=")
+        libraries = [p.strip() for p in request.query.get("libraries", "Documents").split(",")]
+        site = self.add_site(
+            name,
+            [library for library in libraries if library],
+            followed=request.query.get("followed", "1") != "0",
+            forbidden=request.query.get("forbidden", "0") != "0",
+        )
+        return web.json_response({"id": site.id, "drives": list(site.drives)})
+
+    async def _control_group(self, request: web.Request) -> web.Response:
+        name = request.query.get("name")
+        if not name:
+            raise web.HTTPBadRequest(text="missing ?name=")
+        resource = self.add_group(
+            name,
+            team=request.query.get("team", "0") != "0",
+            unified=request.query.get("unified", "1") != "0",
+        )
+        return web.json_response({"resource": resource, "drive_id": self.drive_id(resource)})
 
     async def _control_change(self, request: web.Request) -> web.Response:
         changed = await self.change(
@@ -896,6 +1186,11 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
     )
     parser.add_argument("--push-base-url", default=None)
     parser.add_argument(
+        "--me-not-supported",
+        action="store_true",
+        help="answer /me/drive/root/... with 400 notSupported, as some business tenants do",
+    )
+    parser.add_argument(
         "--tls-ca-out",
         type=Path,
         default=None,
@@ -929,6 +1224,7 @@ async def _serve(args: argparse.Namespace) -> None:
         announced_ping_interval=args.announced_ping_interval,
         announced_ping_timeout=args.announced_ping_timeout,
         push_base_url=args.push_base_url,
+        me_not_supported=args.me_not_supported,
     )
     async with emulator:
         print(f"listening {emulator.base_url}", flush=True)

@@ -476,7 +476,13 @@ async def test_control_api_drives_the_emulator(
         await wait_until(lambda: len(listener.events) == 2)
         async with http.get(f"{control}/state") as r:
             assert await r.json() == {
-                "me": {"connected": 1, "endpoint_requests": 1, "connects": 1, "emitted": 2}
+                "me": {
+                    "connected": 1,
+                    "endpoint_requests": 1,
+                    "connects": 1,
+                    "emitted": 2,
+                    "drive_lookups": 0,
+                }
             }
         async with http.post(f"{control}/kick", params={"resource": "me"}) as r:
             assert await r.json() == {"kicked": 1}
@@ -554,3 +560,52 @@ async def test_announced_ping_times_can_differ_from_the_real_ones(
             opening = json.loads((await ws.receive_str(timeout=5)).removeprefix("0"))
             assert (opening["pingInterval"], opening["pingTimeout"]) == (86_400_000, 3_600_000)
             assert await ws.receive_str(timeout=2) == "2"  # pinged at the real interval
+
+
+async def test_a_drive_answers_to_its_id_and_me_can_be_refused_like_some_business_tenants(
+    http: aiohttp.ClientSession, emulator: GraphEmulator
+) -> None:
+    async with http.get(f"{emulator.base_url}/me/drive?$select=id", headers=AUTH) as r:
+        assert r.status == 200
+        drive_id = (await r.json())["id"]
+    assert drive_id == emulator.drive_id("me")
+    assert emulator.drive_lookups == {"me": 1}
+    async with http.get(
+        f"{emulator.base_url}/drives/{drive_id}/root/subscriptions/socketIo", headers=AUTH
+    ) as r:
+        assert r.status == 200
+        by_id = await r.json()
+    emulator.me_not_supported = True
+    async with http.get(emulator.base_url + ENDPOINT["me"], headers=AUTH) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["code"] == "notSupported"
+    # `me` and `drives/{its id}` are one drive: a notification for one reaches the other's socket.
+    async with listening(by_id["notificationUrl"]) as listener:
+        await wait_until(lambda: emulator.connected("me") == 1)
+        assert await emulator.emit("me") == 1
+        await wait_until(lambda: len(listener.events) == 1)
+    assert emulator.endpoint_requests["me"] == 2  # counted under the name it was first used by
+
+
+async def test_sites_and_groups_made_over_the_control_api_are_listed_in_pages(
+    http: aiohttp.ClientSession, emulator: GraphEmulator
+) -> None:
+    control = f"http://127.0.0.1:{emulator.port}/_emulator"
+    params = {"name": "Engineering", "libraries": "Documents,Specs,Archive"}
+    async with http.post(f"{control}/site", params=params) as r:
+        site = await r.json()
+    async with http.post(f"{control}/group", params={"name": "Rocket", "team": "1"}) as r:
+        group = await r.json()
+    assert group["drive_id"] == emulator.drive_id(group["resource"])
+
+    drives: list[str] = []
+    url: str | None = f"{emulator.base_url}/sites/{site['id']}/drives"
+    while url is not None:
+        async with http.get(url, headers=AUTH) as r:
+            page = await r.json()
+        assert len(page["value"]) <= 2
+        drives += [f"drives/{drive['id']}" for drive in page["value"]]
+        url = page.get("@odata.nextLink")
+    assert drives == site["drives"]
+    async with http.get(f"{emulator.base_url}/me/joinedTeams", headers=AUTH) as r:
+        assert [team["displayName"] for team in (await r.json())["value"]] == ["Rocket"]

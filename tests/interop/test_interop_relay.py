@@ -21,7 +21,7 @@ from relayd.emulator import WebhookReceiver
 
 
 class EndpointStub:
-    """Answers GET .../root/subscriptions/socketIo with a fixed notificationUrl."""
+    """Answers GET .../root/subscriptions/socketIo with a fixed notificationUrl, for drive `me`."""
 
     def __init__(self, notification_url: str) -> None:
         self.notification_url = notification_url
@@ -39,9 +39,14 @@ class EndpointStub:
             }
         )
 
+    async def _drive(self, request: web.Request) -> web.Response:
+        return web.json_response({"id": "interop"})
+
     async def __aenter__(self) -> EndpointStub:
         app = web.Application()
-        app.router.add_get("/v1.0/me/drive/root/subscriptions/socketIo", self._endpoint)
+        # relayd looks `me` up (/me/drive), then asks through the drive id, as Graph wants.
+        app.router.add_get("/v1.0/me/drive", self._drive)
+        app.router.add_get("/v1.0/drives/interop/root/subscriptions/socketIo", self._endpoint)
         self._runner = web.AppRunner(app)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
