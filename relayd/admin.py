@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 
 from relayd import __version__
 from relayd.outbox import AttemptResult, State
-from relayd.watcher import DriveState
+from relayd.watcher import DriveState, DriveWatcher
 
 if TYPE_CHECKING:
     from relayd.supervisor import Supervisor
@@ -158,6 +158,16 @@ class _RelayCollector(Collector):
             "Changed items posted by delta rounds, per drive.",
             labels=["drive"],
         )
+        pages = CounterMetricFamily(
+            "relayd_delta_pages",
+            "Delta pages read by completed rounds, per drive.",
+            labels=["drive"],
+        )
+        running = GaugeMetricFamily(
+            "relayd_delta_round_seconds",
+            "How long the delta round under way has run (0: none), per drive.",
+            labels=["drive"],
+        )
         lag = GaugeMetricFamily(
             "relayd_delta_lag_seconds",
             "Age of the oldest notification no delta round has covered yet (0: none), per drive.",
@@ -175,9 +185,15 @@ class _RelayCollector(Collector):
             waiting.add_metric([name], supervisor.backlog.per_drive.get(name, 0))
             if watcher.feed is not None:
                 rounds.add_metric([name], watcher.feed.rounds)
+                pages.add_metric([name], watcher.feed.pages)
+                under_way = watcher.feed.progress
+                running.add_metric(
+                    [name], 0.0 if under_way is None else now_monotonic - under_way.started
+                )
                 items.add_metric([name], watcher.feed.items)
                 lag.add_metric([name], watcher.feed.lag(now_monotonic))
-        yield from (*counters.values(), connected, state, unstored, waiting, rounds, items, lag)
+        yield from (*counters.values(), connected, state, unstored, waiting)
+        yield from (rounds, items, pages, running, lag)
         yield from _store_metrics(supervisor)
 
         refreshes = CounterMetricFamily(
@@ -324,11 +340,27 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "drive_id": status.drive_id,  # what the resource resolved to; null until then
             "unstored": len(watcher.inbox),
             "backlog": supervisor.backlog.per_drive.get(name, 0),
+            "delta": _delta_report(watcher),
             "account": watcher.drive.account,
             "webhooks": list(watcher.drive.webhook),
             "tenant": watcher.tenant,  # whose Graph budget it shares (see "tenants")
         }
     return report
+
+
+def _delta_report(watcher: DriveWatcher) -> dict[str, Any] | None:
+    """A changes-mode drive's rounds, and the one under way (a first sync, a long catch-up)."""
+    feed = watcher.feed
+    if feed is None:
+        return None
+    running = feed.progress
+    return {
+        "rounds": feed.rounds,
+        "items": feed.items,
+        "round": None
+        if running is None
+        else {"reason": running.reason, **running.fields(time.monotonic())},
+    }
 
 
 def webhook_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:

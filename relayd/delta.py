@@ -91,6 +91,47 @@ def poll_delay(interval: float, rand: Callable[[], float] = random.random) -> fl
     return interval * (1.0 - POLL_JITTER * rand())
 
 
+PROGRESS_EVERY = 10.0  # seconds between "delta round in progress" lines of a long round
+
+
+@dataclass
+class RoundProgress:
+    """How far a delta round has got: a first sync or a large catch-up takes minutes, and says
+    so every PROGRESS_EVERY seconds (in the log, `relayd status` and the metrics); pure."""
+
+    reason: str
+    started: float  # time.monotonic()
+    pages: int = 0
+    items: int = 0
+    _last_line: float = 0.0
+    _now: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._last_line = self._now = self.started
+
+    def page(self, items: int) -> None:
+        self.pages += 1
+        self.items += items
+
+    def due(self, now: float) -> bool:
+        """Whether a progress line is due now (and, if so, the next one in PROGRESS_EVERY)."""
+        self._now = now
+        if now - self._last_line < PROGRESS_EVERY:
+            return False
+        self._last_line = now
+        return True
+
+    def fields(self, now: float | None = None) -> dict[str, float | int]:
+        """What a progress line (or /status) says; `now` defaults to the last page's time."""
+        elapsed = max(0.0, (self._now if now is None else now) - self.started)
+        return {
+            "pages": self.pages,
+            "items": self.items,
+            "seconds": round(elapsed, 1),
+            "items_per_second": round(self.items / elapsed, 1) if elapsed > 0 else 0.0,
+        }
+
+
 def is_resync(error: GraphError) -> bool:
     """410 Gone: the cursor is no longer valid (resyncRequired, resyncChanges...)."""
     return error.status == 410
@@ -113,6 +154,8 @@ class ChangeFeed:
         self.rounds = 0
         self.polls = 0  # rounds the safety net ran
         self.items = 0
+        self.pages = 0
+        self.progress: RoundProgress | None = None  # the round under way, if any
         self._graph = graph
         self._tokens = tokens
         self._outbox = outbox
@@ -235,6 +278,7 @@ class ChangeFeed:
         posted = 0
         attempt = 0
         priority = Priority.POLL if reason == "poll" else Priority.ROUND
+        progress = self.progress = RoundProgress(reason, time.monotonic())
         while True:
             try:
                 page = parse_delta_page(
@@ -268,13 +312,18 @@ class ChangeFeed:
             )
             await self._store(page.link, deliveries)
             posted += len(page.items)
+            progress.page(len(page.items))
+            if progress.due(time.monotonic()):
+                self.log.info("delta round in progress", reason=reason, **progress.fields())
             if page.delta_link is not None:
                 break
         self.rounds += 1
         self.polls += reason == "poll"
         self.items += posted
         self._schedule_poll()  # any round resets the safety net's clock
-        self.log.info("delta round", reason=reason, items=posted)
+        self.pages += progress.pages
+        self.log.info("delta round", reason=reason, **progress.fields(time.monotonic()))
+        self.progress = None
         return posted
 
     async def _store(self, link: str, deliveries: list[NewDelivery]) -> None:

@@ -17,6 +17,7 @@ EXIT_NOT_RUNNING = 1
 EXIT_DEGRADED = 2
 
 _GREEN, _YELLOW, _RED, _RESET = "\033[32m", "\033[33m", "\033[31m", "\033[0m"
+Cell = str | tuple[str, str]  # text, or (text, colour)
 _FINE_STATES = {"connected"}
 _WAITING_STATES = {"starting", "reconnecting"}
 
@@ -65,104 +66,124 @@ def render(report: Mapping[str, Any], *, now: float, color: bool) -> str:
         lines.append(paint("last reload refused (the previous config still runs):", _RED))
         lines += [f"  {line}" for line in str(reload.get("error") or "").splitlines()]
 
-    drives = report.get("drives", {})
-    if drives:
-        rows = []
-        for name, drive in drives.items():
-            state = drive["state"]
-            tone = (
-                _GREEN if state in _FINE_STATES else _YELLOW if state in _WAITING_STATES else _RED
-            )
-            rows.append(
-                [
-                    name,
-                    (state, tone),
-                    _ago(drive.get("since"), now),
-                    _ago(drive.get("last_notification"), now),
-                    str(drive.get("reconnects", 0)),
-                    str(drive.get("backlog", 0)),
-                    (drive.get("last_error") or "-") if state not in _FINE_STATES else "-",
-                ]
-            )
-        lines += [
-            "",
-            *_table(
-                [
-                    "DRIVE",
-                    "STATE",
-                    "SINCE",
-                    "LAST NOTIFICATION",
-                    "RECONNECTS",
-                    "BACKLOG",
-                    "LAST ERROR",
-                ],
-                rows,
-                paint,
-            ),
-        ]
-
-    webhooks = report.get("webhooks", {})
-    if webhooks:
-        rows = []
-        for name, webhook in webhooks.items():
-            if webhook["healthy"]:
-                health: tuple[str, str] = ("healthy", _GREEN)
-                error = "-"
-            else:
-                health = (f"failing for {spell(now - webhook['failing_since'])}", _RED)
-                status = webhook.get("last_status")
-                error = webhook.get("last_error") or "-"
-                if status is not None and str(status) not in error:
-                    error = f"{status} {error}"
-            rows.append(
-                [
-                    name,
-                    health,
-                    str(webhook.get("backlog", 0)),
-                    _age(webhook.get("oldest_waiting"), now),
-                    str(webhook.get("dead_letters", 0)),
-                    _due(webhook.get("next_retry_due"), now),
-                    error,
-                ]
-            )
-        lines += [
-            "",
-            *_table(
-                ["WEBHOOK", "HEALTH", "BACKLOG", "OLDEST", "DEAD", "NEXT RETRY", "LAST ERROR"],
-                rows,
-                paint,
-            ),
-        ]
-
-    accounts = report.get("accounts", {})
-    if accounts:
-        rows = []
-        for name, account in accounts.items():
-            token = account["token"]
-            tone = {"accepted": _GREEN, "needs_login": _RED}.get(token, _YELLOW)
-            words = {
-                "accepted": "accepted by Graph",
-                "needs_login": "needs `relayd login`",
-                "unknown": "not proven yet",
-                "unused": "no drive uses it",
-            }.get(token, token)
-            rows.append(
-                [
-                    name,
-                    (words, tone),
-                    f"{account.get('connected', 0)}/{account.get('drives', 0)}",
-                    account.get("last_error") or "-",
-                ]
-            )
-        lines += ["", *_table(["ACCOUNT", "TOKEN", "CONNECTED", "LAST ERROR"], rows, paint)]
-
+    lines += _drive_lines(report.get("drives", {}), now, paint)
+    lines += _webhook_lines(report.get("webhooks", {}), now, paint)
+    lines += _account_lines(report.get("accounts", {}), now, paint)
     tenants = report.get("tenants", {})
     if tenants:
         lines += ["", *_tenant_table(tenants, now, paint)]
     return "\n".join(lines) + "\n"
 
 
-Cell = str | tuple[str, str]  # text, or (text, colour)
+def _drive_lines(drives: Mapping[str, Any], now: float, paint: Any) -> list[str]:
+    lines: list[str] = []
+    if not drives:
+        return lines
+    rows: list[list[Cell]] = []
+    for name, drive in drives.items():
+        state = drive["state"]
+        tone = _GREEN if state in _FINE_STATES else _YELLOW if state in _WAITING_STATES else _RED
+        rows.append(
+            [
+                name,
+                (state, tone),
+                _ago(drive.get("since"), now),
+                _ago(drive.get("last_notification"), now),
+                str(drive.get("reconnects", 0)),
+                str(drive.get("backlog", 0)),
+                (drive.get("last_error") or "-") if state not in _FINE_STATES else "-",
+            ]
+        )
+    lines += [
+        "",
+        *_table(
+            [
+                "DRIVE",
+                "STATE",
+                "SINCE",
+                "LAST NOTIFICATION",
+                "RECONNECTS",
+                "BACKLOG",
+                "LAST ERROR",
+            ],
+            rows,
+            paint,
+        ),
+    ]
+    for name, drive in drives.items():
+        running = (drive.get("delta") or {}).get("round")
+        if running and running["seconds"] >= 1:
+            lines.append(
+                f"  {name}: delta round ({running['reason']}) running for"
+                f" {spell(running['seconds'])}: {running['pages']} pages,"
+                f" {running['items']} items ({running['items_per_second']:g}/s)"
+            )
+
+    return lines
+
+
+def _webhook_lines(webhooks: Mapping[str, Any], now: float, paint: Any) -> list[str]:
+    lines: list[str] = []
+    if not webhooks:
+        return lines
+    rows: list[list[Cell]] = []
+    for name, webhook in webhooks.items():
+        if webhook["healthy"]:
+            health: tuple[str, str] = ("healthy", _GREEN)
+            error = "-"
+        else:
+            health = (f"failing for {spell(now - webhook['failing_since'])}", _RED)
+            status = webhook.get("last_status")
+            error = webhook.get("last_error") or "-"
+            if status is not None and str(status) not in error:
+                error = f"{status} {error}"
+        rows.append(
+            [
+                name,
+                health,
+                str(webhook.get("backlog", 0)),
+                _age(webhook.get("oldest_waiting"), now),
+                str(webhook.get("dead_letters", 0)),
+                _due(webhook.get("next_retry_due"), now),
+                error,
+            ]
+        )
+    lines += [
+        "",
+        *_table(
+            ["WEBHOOK", "HEALTH", "BACKLOG", "OLDEST", "DEAD", "NEXT RETRY", "LAST ERROR"],
+            rows,
+            paint,
+        ),
+    ]
+
+    return lines
+
+
+def _account_lines(accounts: Mapping[str, Any], now: float, paint: Any) -> list[str]:
+    lines: list[str] = []
+    if not accounts:
+        return lines
+    rows: list[list[Cell]] = []
+    for name, account in accounts.items():
+        token = account["token"]
+        tone = {"accepted": _GREEN, "needs_login": _RED}.get(token, _YELLOW)
+        words = {
+            "accepted": "accepted by Graph",
+            "needs_login": "needs `relayd login`",
+            "unknown": "not proven yet",
+            "unused": "no drive uses it",
+        }.get(token, token)
+        rows.append(
+            [
+                name,
+                (words, tone),
+                f"{account.get('connected', 0)}/{account.get('drives', 0)}",
+                account.get("last_error") or "-",
+            ]
+        )
+    lines += ["", *_table(["ACCOUNT", "TOKEN", "CONNECTED", "LAST ERROR"], rows, paint)]
+    return lines
 
 
 def _tenant_table(tenants: Mapping[str, Any], now: float, paint: Any) -> list[str]:

@@ -20,6 +20,7 @@ from support.waiting import wait_until
 
 from relayd import cli
 from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.emulator.graph import build_parser as build_emulator_parser
 from relayd.emulator.receiver import ScriptedResponse
 
 
@@ -292,3 +293,9 @@ def test_the_emulator_is_a_command_with_its_own_help() -> None:
     assert out.startswith("usage: relayd emulator")
     for option in ("--port", "--token", "--lifetime", "--ping-interval"):
         assert option in out
+    undocumented = [
+        action.option_strings
+        for action in build_emulator_parser()._actions
+        if not action.help or action.help == argparse.SUPPRESS
+    ]
+    assert undocumented == []

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from conftest import StartRelay, of_type, relay_config
+from structlog.testing import capture_logs
 from support.waiting import wait_until
 from test_cli import RelayProcess, write_config
 
+import relayd.delta
+from relayd import admin, status_view
 from relayd.emulator import GraphEmulator, WebhookReceiver
 
 FAST_CHANGES = {"quiet_period": 0.2, "max_delay": 2, "follow_up": 0}
@@ -230,3 +235,50 @@ async def test_kill_9_between_a_delta_page_and_its_commit_neither_loses_nor_repe
         assert len(ids) == len(set(ids)) == 400
     finally:
         await relay.stop()
+
+
+async def test_a_long_first_sync_reports_its_progress_in_the_log_status_and_metrics(
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(relayd.delta, "PROGRESS_EVERY", 0.0)  # a line per page, not per 10 s
+    emulator.delta_page_size = 50
+    await emulator.change("me", 450, notify=0)
+    release = emulator.hold_delta("me")  # the first page stalls: the round is under way
+    with capture_logs() as logged:
+        relay = await start_relay(
+            drives=changes_drive(initial_sync=True), admin={"listen": "127.0.0.1:0"}
+        )
+        feed = relay.watcher().feed
+        assert feed is not None
+        await wait_until(
+            lambda: (
+                feed.progress is not None and feed.progress.fields(time.monotonic())["seconds"] >= 1
+            ),
+            what="a round under way for a second",
+        )
+        report = admin.drive_report(relay.supervisor)["d1"]["delta"]
+        assert report["round"]["reason"] == "start" and report["round"]["pages"] == 0
+        screen = status_view.render(
+            {"drives": {"d1": {**admin.drive_report(relay.supervisor)["d1"]}}},
+            now=time.time(),
+            color=False,
+        )
+        assert "d1: delta round (start) running for 1s: 0 pages, 0 items" in screen
+        release.set()
+        await wait_until(lambda: len(changed_ids(receiver)) == 450, what="all 450 items")
+        await wait_until(lambda: feed.progress is None, what="round over")
+    progress = [line for line in logged if line["event"] == "delta round in progress"]
+    assert [line["pages"] for line in progress] == list(range(1, 10))
+    assert [line["items"] for line in progress] == [50 * n for n in range(1, 10)]
+    (done,) = [line for line in logged if line["event"] == "delta round"][:1]
+    assert (done["pages"], done["items"]) == (9, 450) and done["items_per_second"] > 0
+    assert relay.supervisor.admin is not None
+    async with aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{relay.supervisor.admin.port}/metrics"
+        async with session.get(url) as response:
+            text = await response.text()
+    assert 'relayd_delta_pages_total{drive="d1"}' in text
+    assert 'relayd_delta_round_seconds{drive="d1"} 0.0' in text

@@ -1153,25 +1153,51 @@ def _query_number(request: web.Request, name: str, kind: type[_N], default: _N |
 
 
 def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
+    return build_parser(prog).parse_args(argv)
+
+
+def build_parser(prog: str = "python -m relayd.emulator.graph") -> argparse.ArgumentParser:
+    """The emulator's command line; docs/emulator.md describes its control API."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Run the Graph socketIo emulator until SIGINT or SIGTERM.",
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=0, help="port to listen on (default 0: any free one, printed)"
+    )
     parser.add_argument(
         "--token",
         action="append",
         dest="tokens",
         help="accepted bearer token (repeatable; default: test-token)",
     )
-    parser.add_argument("--lifetime", type=float, default=3600.0)
     parser.add_argument(
-        "--url-form", choices=("notifications", "callback"), default="notifications"
+        "--lifetime",
+        type=float,
+        default=3600.0,
+        help="seconds a socketIo endpoint lives before it expires (default 3600)",
     )
-    parser.add_argument("--expiry", choices=("close", "quiet"), default="close")
-    parser.add_argument("--ping-interval", type=float, default=25.0)
-    parser.add_argument("--ping-timeout", type=float, default=20.0)
+    parser.add_argument(
+        "--url-form",
+        choices=("notifications", "callback"),
+        default="notifications",
+        help="the notificationUrl's shape: /notifications?token=... (default) or the older"
+        " /callback?snthgk=... form",
+    )
+    parser.add_argument(
+        "--expiry",
+        choices=("close", "quiet"),
+        default="close",
+        help="what an expired endpoint does: close its sockets (default) or go quiet, sending"
+        " nothing while staying open",
+    )
+    parser.add_argument(
+        "--ping-interval", type=float, default=25.0, help="Engine.IO ping interval, s (25)"
+    )
+    parser.add_argument(
+        "--ping-timeout", type=float, default=20.0, help="Engine.IO ping timeout, s (20)"
+    )
     parser.add_argument(
         "--announced-ping-interval",
         type=float,
@@ -1184,7 +1210,12 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         default=None,
         help="what the OPEN packet announces instead of --ping-timeout",
     )
-    parser.add_argument("--push-base-url", default=None)
+    parser.add_argument(
+        "--push-base-url",
+        default=None,
+        help="scheme://host:port the notificationUrls point at instead of this server (a proxy"
+        " in between, say)",
+    )
     parser.add_argument(
         "--me-not-supported",
         action="store_true",
@@ -1198,7 +1229,7 @@ def _parse_args(argv: Sequence[str] | None, prog: str) -> argparse.Namespace:
         help="serve HTTPS/WSS with a certificate from a throwaway CA (needs trustme) and write"
         " that CA's certificate to PATH, for relayd's tls.ca_file",
     )
-    return parser.parse_args(argv)
+    return parser
 
 
 async def _serve(args: argparse.Namespace) -> None:
