@@ -222,7 +222,9 @@ def write_config(
             hook["secret"] = secret
         hooks[name] = hook
     document = {
-        "graph": {"base_url": graph_url},
+        # The emulator is no tenant to protect: a budget far above what the run asks for, so
+        # the figures measure relayd, not graph.requests_per_minute (docs/throttling.md).
+        "graph": {"base_url": graph_url, "requests_per_minute": 1_000_000},
         "state_dir": str(folder / "state"),
         "admin": {"listen": ""},
         "log": {"level": log_level, "format": "json"},

@@ -143,7 +143,9 @@ class RelayConfig:
         token_file = self.path.parent / "token"
         hook = {"retry": FAST_RETRY, "concurrency": 8}
         return {
-            "graph": {"base_url": self.graph_url},
+            # The emulator is no tenant to protect: a budget far above what the run asks for, so
+            # the figures measure relayd, not graph.requests_per_minute (docs/throttling.md).
+            "graph": {"base_url": self.graph_url, "requests_per_minute": 1_000_000},
             "state_dir": str(self.state_dir),
             "admin": {"listen": ""},
             "log": {"level": "info", "format": "json"},

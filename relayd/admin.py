@@ -236,6 +236,55 @@ class _RelayCollector(Collector):
         for webhook, dispatcher in sorted(supervisor.dispatchers.items()):
             failing.add_metric([webhook], 1 if dispatcher.outage.failing else 0)
         yield from (backlog, oldest, dead, failing)
+        yield from _tenant_metrics(supervisor)
+
+
+def _tenant_metrics(supervisor: Supervisor) -> Iterator[Metric]:
+    """Each tenant's Graph budget and throttling (relayd/tenant.py)."""
+    labels = ["tenant"]
+    requests = CounterMetricFamily(
+        "relayd_graph_requests", "Graph requests sent, per tenant.", labels=labels
+    )
+    throttled = CounterMetricFamily(
+        "relayd_graph_throttled",
+        "Throttled answers (429, 503) from Graph, per tenant.",
+        labels=labels,
+    )
+    throttled_seconds = CounterMetricFamily(
+        "relayd_graph_throttled_seconds",
+        "Time every Graph request of the tenant was paused after a throttled answer.",
+        labels=labels,
+    )
+    paused = GaugeMetricFamily(
+        "relayd_graph_throttled_until_timestamp_seconds",
+        "While the tenant is paused, when the pause ends (0 when it is not).",
+        labels=labels,
+    )
+    budget = GaugeMetricFamily(
+        "relayd_graph_budget_per_minute",
+        "Graph requests the tenant may send in any 60 s (graph.requests_per_minute).",
+        labels=labels,
+    )
+    used = GaugeMetricFamily(
+        "relayd_graph_budget_used",
+        "Graph requests of the tenant in the last 60 s, those in flight included.",
+        labels=labels,
+    )
+    waiting = GaugeMetricFamily(
+        "relayd_graph_requests_waiting",
+        "Graph requests waiting for their turn (budget spent or tenant paused).",
+        labels=labels,
+    )
+    for report in supervisor.tenants():
+        name = [report.tenant]
+        requests.add_metric(name, report.requests)
+        throttled.add_metric(name, report.throttled)
+        throttled_seconds.add_metric(name, report.throttled_seconds)
+        paused.add_metric(name, report.throttled_until or 0.0)
+        budget.add_metric(name, report.budget_per_minute)
+        used.add_metric(name, report.used_last_minute)
+        waiting.add_metric(name, report.waiting)
+    yield from (requests, throttled, throttled_seconds, paused, budget, used, waiting)
 
 
 def _store_metrics(supervisor: Supervisor) -> Iterator[Metric]:
@@ -294,6 +343,7 @@ def drive_report(supervisor: Supervisor) -> dict[str, dict[str, Any]]:
             "delta": _delta_report(watcher),
             "account": watcher.drive.account,
             "webhooks": list(watcher.drive.webhook),
+            "tenant": watcher.tenant,  # whose Graph budget it shares (see "tenants")
         }
     return report
 
@@ -407,6 +457,7 @@ def build_app(supervisor: Supervisor) -> web.Application:
             "backlog": snapshot.counts,
             "oldest_pending": snapshot.oldest,
             "reload": {"ok": supervisor.last_reload_ok, "error": supervisor.last_reload_error},
+            "tenants": {report.tenant: report.as_dict() for report in supervisor.tenants()},
         }
         return web.json_response(body)
 

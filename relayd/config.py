@@ -488,6 +488,9 @@ class GraphConfig(_Model):
     # after a network blip) never hammer Graph or the push service.
     connect_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 50
     connect_rate: Annotated[float, Field(gt=0, le=100_000)] = 50.0
+    # Graph requests per tenant in any 60 s (docs/throttling.md): half of SharePoint's 1,200
+    # resource units a minute for the smallest tenants, so relayd leaves room for other apps.
+    requests_per_minute: Annotated[int, Field(ge=1, le=1_000_000)] = 600
     # The proxy for everything towards Microsoft (Graph, the push socket, sign-in): None follows
     # HTTPS_PROXY/HTTP_PROXY/NO_PROXY, "" goes direct. May hold a password: never shown.
     proxy: _ProxyUrl | None = Field(default=None, repr=False)
@@ -597,6 +600,9 @@ class AccountConfig(_Model):
     # How long one run of token_command may take before its process group is killed.
     token_command_timeout: _Duration = 60.0
     token_file: Path | None = None
+    # Which tenant's Graph budget and throttling pause this account's requests share
+    # (relayd/tenant.py's tenant_key): for accounts that do not name their tenant otherwise.
+    throttle_tenant: str | None = None
 
     @property
     def kind(self) -> Literal["msal", "command", "file"]:
@@ -626,6 +632,13 @@ class AccountConfig(_Model):
             raise _Invalid(
                 "expected common, organizations, consumers, a tenant id or a tenant domain"
             )
+        return value
+
+    @field_validator("throttle_tenant")
+    @classmethod
+    def _check_throttle_tenant(cls, value: str | None) -> str | None:
+        if value is not None and not _TENANT.fullmatch(value):
+            raise _Invalid("expected a tenant id, a tenant domain or another plain name")
         return value
 
     @field_validator("authority_host")
@@ -804,6 +817,9 @@ class ChangesConfig(_Model):
     # a delta right after a notification can come back empty: look again this much later
     # (0 turns the follow-up round off).
     follow_up: _DurationOrZero = 10.0
+    # the safety net under the push channel: a round when none ran for this long (jittered
+    # down by up to a fifth, so drives started together do not poll together; 0 turns it off).
+    poll_interval: _DurationOrZero = 3600.0
 
     @field_validator("select", mode="before")
     @classmethod

@@ -10,14 +10,19 @@ Rounds are coalesced: a burst of notifications waits for a quiet period (never l
 maximum delay) and becomes one round; a follow-up round catches what a delta run right after a
 notification can miss. After every connect, reconnect or renewal the drive runs a catch-up round,
 so changes made while no socket was listening are posted too.
+
+The push channel is not the authority (notifications arrive late, or not at all): a drive that
+ran no round for `changes.poll_interval` runs one anyway, the safety-net poll. Its requests are
+last in their tenant's line (relayd/tenant.py): nothing says anything changed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -29,8 +34,13 @@ from relayd.config import DriveConfig
 from relayd.events import changes_deliveries, resync_deliveries
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, retry_delay
 from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.tenant import DEFAULT_TENANT, Priority
 
 OUTBOX_RETRY = 1.0
+# The safety-net poll comes due after poll_interval less up to this fraction of it, drawn anew
+# each time: drives started (or notified) together drift apart instead of polling in step, and
+# no drive ever goes longer than poll_interval without a round.
+POLL_JITTER = 0.2
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,11 @@ def start_url(
         query["$select"] = ",".join(drive.changes.select)
     url = graph.drive_url(address or drive.resource, "delta")
     return f"{url}?{urlencode(query)}" if query else url
+
+
+def poll_delay(interval: float, rand: Callable[[], float] = random.random) -> float:
+    """Seconds from the end of a round until the safety-net poll is due; pure."""
+    return interval * (1.0 - POLL_JITTER * rand())
 
 
 PROGRESS_EVERY = 10.0  # seconds between "delta round in progress" lines of a long round
@@ -132,9 +147,12 @@ class ChangeFeed:
         graph: GraphClient,
         tokens: TokenProvider,
         outbox: Outbox,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
         self.drive = drive
+        self.tenant = tenant
         self.rounds = 0
+        self.polls = 0  # rounds the safety net ran
         self.items = 0
         self.pages = 0
         self.progress: RoundProgress | None = None  # the round under way, if any
@@ -148,6 +166,7 @@ class ChangeFeed:
         self._last: float | None = None
         self._follow_up_at: float | None = None
         self._catch_up: str | None = None
+        self._poll_at: float | None = None
         self.log = structlog.get_logger("relayd.delta").bind(drive=drive.name)
 
     # -- triggers (called by the watcher) ---------------------------------------------------------
@@ -190,6 +209,9 @@ class ChangeFeed:
                 await self._graph.get_json(
                     start_url(self._graph, self.drive, baseline=True, address=address),
                     self._tokens.token,
+                    tenant=self.tenant,
+                    drive=self.drive.name,
+                    priority=Priority.CONNECT,  # the socket waits for it
                 )
             )
             cursor = page.link
@@ -201,6 +223,7 @@ class ChangeFeed:
 
     async def run(self) -> None:
         """Run rounds as triggers come due, until cancelled."""
+        self._schedule_poll()  # a drive that never connects (once it has a cursor) still polls
         while True:
             due = self._next_due()
             now = time.monotonic()
@@ -210,7 +233,11 @@ class ChangeFeed:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 self._wake.clear()
                 continue
-            await self.round(self._take_due(now))
+            reason = self._take_due(now)
+            if self._cursor is None:  # a poll before the drive ever got its cursor: next time
+                self._schedule_poll()
+                continue
+            await self.round(reason)
 
     def _next_due(self) -> float | None:
         candidates = []
@@ -221,6 +248,8 @@ class ChangeFeed:
             candidates.append(min(quiet, self._first + self.drive.changes.max_delay))
         if self._follow_up_at is not None:
             candidates.append(self._follow_up_at)
+        if self._poll_at is not None:
+            candidates.append(self._poll_at)
         return min(candidates) if candidates else None
 
     def _take_due(self, now: float) -> str:
@@ -233,8 +262,14 @@ class ChangeFeed:
             self._first = self._last = None
             self._follow_up_at = now + follow_up if follow_up > 0 else None
             return "notification"
-        self._follow_up_at = None
-        return "follow-up"
+        if self._follow_up_at is not None and self._follow_up_at <= now:
+            self._follow_up_at = None
+            return "follow-up"
+        return "poll"
+
+    def _schedule_poll(self) -> None:
+        interval = self.drive.changes.poll_interval
+        self._poll_at = time.monotonic() + poll_delay(interval) if interval > 0 else None
 
     async def round(self, reason: str) -> int:
         """Follow the cursor to the end, posting what changed; returns the items posted."""
@@ -242,11 +277,18 @@ class ChangeFeed:
         drive = self.drive
         posted = 0
         attempt = 0
+        priority = Priority.POLL if reason == "poll" else Priority.ROUND
         progress = self.progress = RoundProgress(reason, time.monotonic())
         while True:
             try:
                 page = parse_delta_page(
-                    await self._graph.get_json(self._cursor, self._tokens.token)
+                    await self._graph.get_json(
+                        self._cursor,
+                        self._tokens.token,
+                        tenant=self.tenant,
+                        drive=drive.name,
+                        priority=priority,
+                    )
                 )
             except GraphError as error:
                 if is_resync(error):
@@ -276,7 +318,9 @@ class ChangeFeed:
             if page.delta_link is not None:
                 break
         self.rounds += 1
+        self.polls += reason == "poll"
         self.items += posted
+        self._schedule_poll()  # any round resets the safety net's clock
         self.pages += progress.pages
         self.log.info("delta round", reason=reason, **progress.fields(time.monotonic()))
         self.progress = None

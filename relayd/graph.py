@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from relayd.config import resource_path
+from relayd.tenant import DEFAULT_TENANT, WINDOW, Priority, TenantGate, TenantReport
 
 # A notification is a few hundred bytes. Anything far larger is not one, and parsing it would
 # only let a broken or hostile peer spend our memory.
@@ -339,12 +340,24 @@ def retry_delay(attempt: int, error: BaseException | None) -> float:
     return delay
 
 
+def pauses_tenant(error: GraphError) -> bool:
+    """A throttled answer, which pauses every request of the tenant: a 429, or a 503 that
+    says when to come back (Retry-After); pure. A bare 503 is an outage of that one request's
+    server as often as throttling: the request's own backoff covers it."""
+    return error.status == 429 or (error.status == 503 and error.retry_after is not None)
+
+
 TokenSource = Callable[[str | None], Awaitable[str]]
 """Gives a bearer token. Called with the token that was just refused (401), or None."""
 
 
 class GraphClient:
-    """Authenticated GETs to Graph. One per process; safe to share between drives."""
+    """Authenticated GETs to Graph. One per process; safe to share between drives.
+
+    Every request waits for a turn from its tenant's gate (relayd/tenant.py): the tenant's
+    budget (`requests_per_minute` in any 60 s), its pause after a throttled answer, and fair
+    turns between its drives.
+    """
 
     def __init__(
         self,
@@ -353,47 +366,109 @@ class GraphClient:
         *,
         timeout: float = 30.0,
         request_options: Mapping[str, Any] | None = None,
+        requests_per_minute: int = 600,
+        window: float = WINDOW,
     ):
-        """`request_options`: extra aiohttp arguments for every request (the proxy to use)."""
+        """`request_options`: extra aiohttp arguments for every request (the proxy to use);
+        `window`: the budget's "minute" (only tests shorten it, to see a budget bind)."""
         self._session = session
         self._request_options = dict(request_options or {})
         self.base_url = base_url.rstrip("/")
         self._origin = _origin(self.base_url)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self.requests_per_minute = requests_per_minute
+        self._window = window
+        self._tenants: dict[str, TenantGate] = {}
+
+    def tenant(self, name: str) -> TenantGate:
+        """The tenant's gate, made at its first request."""
+        gate = self._tenants.get(name)
+        if gate is None:
+            gate = self._tenants[name] = TenantGate(
+                name, self.requests_per_minute, window=self._window
+            )
+        return gate
+
+    def tenants(self) -> list[TenantReport]:
+        return [gate.report() for _, gate in sorted(self._tenants.items())]
 
     def drive_url(self, resource: str, tail: str) -> str:
         return f"{self.base_url}/{resource_path(resource)}/root/{tail}"
 
-    async def drive_id(self, resource: str, token: TokenSource) -> str:
-        """GET the id of the drive behind `resource` (`me` -> `/me/drive?$select=id`)."""
-        body = await self.get_json(f"{self.base_url}/{resource_path(resource)}?$select=id", token)
+    async def drive_id(
+        self,
+        resource: str,
+        token: TokenSource,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        drive: str = "",
+    ) -> str:
+        """GET the id of the drive behind `resource` (`me` -> `/me/drive?$select=id`); a
+        connect's turn in its tenant's line (the socket waits for it)."""
+        body = await self.get_json(
+            f"{self.base_url}/{resource_path(resource)}?$select=id",
+            token,
+            tenant=tenant,
+            drive=drive,
+            priority=Priority.CONNECT,
+        )
         return parse_drive_id(body)
 
-    async def socketio_endpoint(self, resource: str, token: TokenSource) -> Subscription:
-        """GET the drive's socketIo endpoint."""
-        body = await self.get_json(self.drive_url(resource, "subscriptions/socketIo"), token)
+    async def socketio_endpoint(
+        self,
+        resource: str,
+        token: TokenSource,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        drive: str = "",
+        priority: Priority = Priority.CONNECT,
+    ) -> Subscription:
+        """GET the drive's socketIo endpoint (a connect's or a renewal's turn: first in line)."""
+        body = await self.get_json(
+            self.drive_url(resource, "subscriptions/socketIo"),
+            token,
+            tenant=tenant,
+            drive=drive,
+            priority=priority,
+        )
         return parse_subscription(body)
 
-    async def get_json(self, url: str, token: TokenSource) -> object:
+    async def get_json(
+        self,
+        url: str,
+        token: TokenSource,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        drive: str = "",
+        priority: Priority = Priority.ROUND,
+    ) -> object:
         """GET a Graph URL and decode its JSON. A 401 gets one retry with a fresh token.
 
         Only URLs on Graph's own origin are fetched: the bearer token goes with the request, and a
-        paging link that pointed elsewhere would hand it to someone else.
+        paging link that pointed elsewhere would hand it to someone else. Each request (the 401
+        retry too) waits for its turn in `tenant`'s line (`drive` and `priority` place it
+        there); a throttled answer pauses the whole tenant before it is raised.
         """
         if _origin(url) != self._origin:
             raise InvalidGraphResponse(f"refusing to send a token to {_origin(url)}")
+        gate = self.tenant(tenant)
         refused: str | None = None
         while True:
+            # The token first: a token source that hangs must not hold a place in the window.
             bearer = await token(refused)
-            async with self._session.get(
-                url,
-                headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
-                timeout=self._timeout,
-                allow_redirects=False,
-                **self._request_options,
-            ) as response:
+            async with (
+                gate.turn(drive, priority),
+                self._session.get(
+                    url,
+                    headers={"Authorization": f"Bearer {bearer}", "Accept": "application/json"},
+                    timeout=self._timeout,
+                    allow_redirects=False,
+                    **self._request_options,
+                ) as response,
+            ):
                 body = await response.read()
                 if response.status == 200:
+                    gate.succeeded()
                     try:
                         return json.loads(body)
                     except ValueError:
@@ -401,6 +476,10 @@ class GraphClient:
                             f"{response.status} answer is not JSON"
                         ) from None
                 error = parse_graph_error(response.status, body, response.headers)
+            if pauses_tenant(error):
+                gate.throttled(error.retry_after, drive=drive, status=error.status)
+            else:
+                gate.succeeded()
             if error.unauthorized and refused is None:
                 refused = bearer
                 continue

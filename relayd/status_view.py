@@ -39,6 +39,9 @@ def problems(report: Mapping[str, Any]) -> list[str]:
     reload = report.get("reload", {})
     if reload and not reload.get("ok", True):
         found.append("last reload refused")
+    for name, tenant in report.get("tenants", {}).items():
+        if tenant.get("throttled_until") is not None:
+            found.append(f"tenant {name} throttled by Graph")
     return found
 
 
@@ -66,6 +69,9 @@ def render(report: Mapping[str, Any], *, now: float, color: bool) -> str:
     lines += _drive_lines(report.get("drives", {}), now, paint)
     lines += _webhook_lines(report.get("webhooks", {}), now, paint)
     lines += _account_lines(report.get("accounts", {}), now, paint)
+    tenants = report.get("tenants", {})
+    if tenants:
+        lines += ["", *_tenant_table(tenants, now, paint)]
     return "\n".join(lines) + "\n"
 
 
@@ -178,6 +184,24 @@ def _account_lines(accounts: Mapping[str, Any], now: float, paint: Any) -> list[
         )
     lines += ["", *_table(["ACCOUNT", "TOKEN", "CONNECTED", "LAST ERROR"], rows, paint)]
     return lines
+
+
+def _tenant_table(tenants: Mapping[str, Any], now: float, paint: Any) -> list[str]:
+    """Each tenant's Graph budget (docs/throttling.md): used in the last minute of the budget,
+    requests waiting for their turn, time spent paused, and the pause under way."""
+    rows: list[list[Cell]] = []
+    for name, tenant in tenants.items():
+        until = tenant.get("throttled_until")
+        rows.append(
+            [
+                name,
+                f"{tenant['used_last_minute']}/{tenant['budget_per_minute']}",
+                str(tenant.get("waiting", 0)),
+                spell(tenant.get("throttled_seconds", 0.0)),
+                ("-", _GREEN) if until is None else (f"paused, {_due(until, now)}", _RED),
+            ]
+        )
+    return _table(["TENANT", "LAST MINUTE", "WAITING", "THROTTLED", "NOW"], rows, paint)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Cell]], paint: Any) -> list[str]:

@@ -46,6 +46,7 @@ from relayd.graph import GraphClient
 from relayd.network import Network, mask_proxy_url, trim_tls_read_buffers
 from relayd.outbox import Backlog, Outbox, Reservation
 from relayd.systemd import Notifier, watchdog_interval
+from relayd.tenant import TenantReport, tenant_key
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
 log = structlog.get_logger("relayd.supervisor")
@@ -154,6 +155,10 @@ class Supervisor:
         self._graph_proxy: str | None = None
         self._sign_in: HttpClient | None = None
         self.metrics = Metrics(self)  # last: its collector reads the attributes above
+
+    def tenants(self) -> list[TenantReport]:
+        """Each tenant's Graph budget and throttling, for /status and the metrics."""
+        return self._graph.tenants() if self._graph is not None else []
 
     def request_reload(self) -> None:
         """Ask for the config file to be read again (safe to call from a signal handler)."""
@@ -316,6 +321,7 @@ class Supervisor:
                 self._session,
                 new.graph.base_url,
                 request_options=self.network.request_options(new.graph.base_url, new.graph.proxy),
+                requests_per_minute=new.graph.requests_per_minute,
             )
             self._gate = ConnectGate(new.graph.connect_concurrency, new.graph.connect_rate)
 
@@ -356,7 +362,7 @@ class Supervisor:
         for name in webhooks_changed:
             self._start_dispatcher(name, new)
         for name in drives_changed:
-            self._start_watcher(new_drives[name], carried.get(name))
+            self._start_watcher(new_drives[name], carried.get(name), new)
         self._applied = new
         if old is not None:
             log.info(
@@ -414,11 +420,12 @@ class Supervisor:
         assert self.network is not None
         return self.network.request_options(url, self._graph_proxy)
 
-    def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None = None) -> None:
+    def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None, config: Config) -> None:
         assert self._group is not None and self._graph is not None and self._gate is not None
         assert self.outbox is not None
         watcher = DriveWatcher(
             drive,
+            tenant=tenant_key(drive.account, config.accounts[drive.account]),
             graph=self._graph,
             tokens=self.tokens[drive.account],
             outbox=self.outbox,

@@ -51,6 +51,7 @@ from relayd.graph import (
 from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
 from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.tenant import DEFAULT_TENANT, Priority
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
 RENEW_MARGIN = 120.0
@@ -152,10 +153,12 @@ def dedupe_key(item: Mapping[str, Any]) -> str:
 
 
 class ConnectGate:
-    """Paces endpoint fetches and connects across every drive of the process.
+    """Paces socket connects (to the push service) across every drive of the process.
 
     At most `concurrency` at once, and their starts spaced to at most `rate` per second: a
     process with thousands of drives starts (or reconnects after a blip) as a steady stream.
+    The Graph requests before them (endpoint fetches) are paced by their tenant's budget
+    instead (relayd/tenant.py).
     """
 
     def __init__(self, concurrency: int, rate: float) -> None:
@@ -363,9 +366,12 @@ class DriveWatcher:
         socket_options: Callable[[str], Mapping[str, Any]] | None = None,
         gate: ConnectGate,
         inbox: Inbox | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
-        """`inbox`: what an earlier watcher of the same drive held, to go on from."""
+        """`inbox`: what an earlier watcher of the same drive held, to go on from; `tenant`:
+        whose Graph budget and throttling the drive's requests share (tenant.tenant_key)."""
         self.drive = drive
+        self.tenant = tenant
         self.status = DriveStatus()
         self._graph = graph
         self._tokens = tokens
@@ -376,7 +382,7 @@ class DriveWatcher:
         self._gate = gate
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
-            ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox)
+            ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox, tenant=tenant)
             if drive.mode == "changes"
             else None
         )
@@ -452,15 +458,17 @@ class DriveWatcher:
 
     async def _look_up(self) -> str:
         drive = self.drive
-        # As in _open: the token first, outside the connect slot the lookup is paced by.
+        # As in _open: the token first. The lookup is a Graph request, paced by its tenant's
+        # turn (not the connect slot, which a throttled tenant's drives must not hold).
         token = await self._tokens.token()
 
         async def bearer(refused: str | None) -> str:
             return token if refused is None else await self._tokens.token(refused)
 
         try:
-            async with self._gate.slot():
-                return await self._graph.drive_id(drive.resource, bearer)
+            return await self._graph.drive_id(
+                drive.resource, bearer, tenant=self.tenant, drive=drive.name
+            )
         except GraphError as error:
             raise DriveLookupError(drive.name, drive.resource, error) from None
         except InvalidGraphResponse as error:
@@ -589,18 +597,22 @@ class DriveWatcher:
             self.log, f"drive {self.drive.name}", report or self.outage.tick(time.monotonic())
         )
 
-    async def _open(self) -> _Connection:
+    async def _open(self, priority: Priority = Priority.CONNECT) -> _Connection:
         # The token is fetched before a connect slot is taken: an account whose token source
         # hangs must not hold slots that every other account's drives are waiting for.
         token = await self._tokens.token()
         try:
-            return await self._open_with(token)
+            return await self._open_with(token, priority=priority)
         except _TokenRefused:
             pass
         # Graph refused it (401): a fresh one, again outside the slot; refused twice is an error.
-        return await self._open_with(await self._tokens.token(token), retry=False)
+        return await self._open_with(
+            await self._tokens.token(token), retry=False, priority=priority
+        )
 
-    async def _open_with(self, token: str, *, retry: bool = True) -> _Connection:
+    async def _open_with(
+        self, token: str, *, retry: bool = True, priority: Priority = Priority.CONNECT
+    ) -> _Connection:
         async def bearer(refused: str | None) -> str:
             if refused is None:
                 return token
@@ -608,10 +620,19 @@ class DriveWatcher:
                 raise _TokenRefused
             raise AuthError(f"account {self.drive.account!r}: Graph refused a fresh token (401)")
 
+        # The endpoint fetch is a Graph request: it waits for its tenant's turn (budget, pause)
+        # outside the connect slot, so that a throttled tenant's drives never hold the slots
+        # every other tenant's drives wait for. The slot paces the socket connects.
+        subscription = await self._graph.socketio_endpoint(
+            self.address,
+            bearer,
+            tenant=self.tenant,
+            drive=self.drive.name,
+            priority=priority,
+        )
+        self.status.endpoint = subscription.target.display
+        self._warn_if_unencrypted(subscription)
         async with self._gate.slot():
-            subscription = await self._graph.socketio_endpoint(self.address, bearer)
-            self.status.endpoint = subscription.target.display
-            self._warn_if_unencrypted(subscription)
             self._generation += 1
             connection = _Connection(self, subscription, self._generation)
             await connection.open()
@@ -626,7 +647,9 @@ class DriveWatcher:
     async def _renew(self, current: _Connection) -> _Connection:
         """Switch to a fresh endpoint, make before break; keep the old one if that fails."""
         try:
-            fresh = await self._open()
+            # First in its tenant's line: a socket that is up stays up, even while thousands of
+            # other drives wait for their first connect.
+            fresh = await self._open(Priority.RENEW)
         except Exception as error:
             expires = current.subscription.expires_at
             self.log.warning(

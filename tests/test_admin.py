@@ -272,6 +272,18 @@ async def test_relayd_status_says_what_is_stuck_and_why_also_with_the_config_on_
     assert "failing for " in hook and "HTTP 503" in hook
     account = next(line for line in lines if line.startswith("test "))
     assert "accepted by Graph" in account and "1/2" in account
+    # Each tenant's Graph budget: used in the last minute of it, waiting, throttled, paused.
+    assert next(line for line in lines if line.startswith("TENANT")).split() == [
+        "TENANT",
+        "LAST",
+        "MINUTE",
+        "WAITING",
+        "THROTTLED",
+        "NOW",
+    ]
+    tenant = next(line for line in lines if line.startswith("account:test ")).split()
+    assert tenant[1].endswith("/600")  # a token_file account is a tenant of its own
+    assert tenant[3:] == ["0s", "-"]  # a bare 503 (d2's) is no throttling: no pause
 
     code, out, _ = await status("--json")
     report = json.loads(out)

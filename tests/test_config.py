@@ -935,3 +935,18 @@ def test_models_built_in_code_are_cross_checked() -> None:
         ValidationError, match=r"drives\[0\]\.account: unknown account \(known: ci\)"
     ):
         Config(accounts={"ci": account}, webhooks={"w": webhook}, drives=(drive,))
+
+
+def test_graph_budget_poll_interval_and_throttle_tenant() -> None:
+    config = parse(BASE)
+    assert config.graph.requests_per_minute == 600  # half of a small tenant's 1,200 units
+    assert all(drive.changes.poll_interval == 3600.0 for drive in config.drives)
+    assert config.accounts["ci"].throttle_tenant is None
+    assert parse("graph:\n  requests_per_minute: 1200\n").graph.requests_per_minute == 1200
+    assert problems("graph:\n  requests_per_minute: 0\n") == [
+        "config.yaml:2: graph.requests_per_minute: Input should be greater than or equal to 1"
+    ]
+    assert problems("accounts:\n  a:\n    token_file: t\n    throttle_tenant: 'a b'\n") == [
+        "config.yaml:4: accounts.a.throttle_tenant: expected a tenant id, a tenant domain or"
+        " another plain name"
+    ]

@@ -101,3 +101,49 @@ def test_colour_on_a_terminal_keeps_the_columns_aligned() -> None:
     stripped = coloured.replace("\033[33m", "").replace("\033[0m", "").replace("\033[31m", "")
     stripped = stripped.replace("\033[32m", "")
     assert stripped == plain
+
+
+def test_a_paused_tenant_is_named_with_its_budget_and_the_end_of_its_pause() -> None:
+    tenants = {
+        "contoso": {
+            "budget_per_minute": 600,
+            "used_last_minute": 412,
+            "waiting": 37,
+            "requests": 5000,
+            "throttled": 2,
+            "throttled_seconds": 75.0,
+            "throttled_until": NOW + 42,
+        },
+        "account:ci": {
+            "budget_per_minute": 600,
+            "used_last_minute": 3,
+            "waiting": 0,
+            "requests": 9,
+            "throttled": 0,
+            "throttled_seconds": 0.0,
+            "throttled_until": None,
+        },
+    }
+    paused = report(tenants=tenants)
+    assert problems(paused) == ["tenant contoso throttled by Graph"]
+    assert exit_code(paused) == EXIT_DEGRADED
+    lines = render(paused, now=NOW, color=False).splitlines()
+    header = next(line for line in lines if line.startswith("TENANT"))
+    assert header.split() == ["TENANT", "LAST", "MINUTE", "WAITING", "THROTTLED", "NOW"]
+    assert next(line for line in lines if line.startswith("contoso")).split() == [
+        "contoso",
+        "412/600",
+        "37",
+        "1m15s",
+        "paused,",
+        "in",
+        "42s",
+    ]
+    assert next(line for line in lines if line.startswith("account:ci")).split() == [
+        "account:ci",
+        "3/600",
+        "0",
+        "0s",
+        "-",
+    ]
+    assert exit_code(report(tenants={"account:ci": tenants["account:ci"]})) == EXIT_OK

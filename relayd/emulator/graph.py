@@ -46,7 +46,7 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 from relayd.emulator.delta import ChangeLog, InjectedDeltaError, answer_delta
 from relayd.emulator.tls import LOOPBACK_NAMES, throwaway_ca
 
-__all__ = ["EmulatedSite", "GraphEmulator", "main"]
+__all__ = ["EmulatedSite", "GraphEmulator", "GraphRequest", "main"]
 
 UrlForm = Literal["notifications", "callback"]
 ExpiryBehaviour = Literal["close", "quiet"]
@@ -126,6 +126,26 @@ class _InjectedError:
     status: int
     code: str
     retry_after: float | None
+
+
+@dataclass(frozen=True)
+class GraphRequest:
+    """One Graph API request as it reached the emulator (the request log)."""
+
+    at: float  # time.monotonic() on arrival: the same clock relayd's budget runs on
+    path: str
+    resource: str  # as relayd's config writes it ("me", "drives/{id}", ...)
+    token: str  # the bearer token as sent ("" without one)
+    tenant: str | None  # the tenant the token belongs to (accept_token(..., tenant=...))
+
+
+@dataclass
+class _Throttle:
+    status: int
+    retry_after: float | None
+    resource: str | None  # None: any resource
+    tenant: str | None  # None: any tenant
+    count: int
 
 
 def _new_drive_id() -> str:
@@ -310,6 +330,9 @@ class GraphEmulator:
         self.emitted: dict[str, int] = {}
         self.delta_requests: collections.Counter[str] = collections.Counter()
         self.delta_page_size = 200
+        self.requests: list[GraphRequest] = []  # every Graph API request, in arrival order
+        self.token_tenants: dict[str, str] = {}
+        self._throttles: list[_Throttle] = []
         # GET {resource}/drive (`me` -> /me/drive), keyed by the resource as the request wrote it.
         self.drive_lookups: collections.Counter[str] = collections.Counter()
         # Every Graph request by path (no query): which form of a drive's address was used.
@@ -374,7 +397,7 @@ class GraphEmulator:
         # is accepted and then hears nothing.
         self._sio.on("connect", handler=lambda sid, environ, auth: True, namespace="/")
 
-        app = web.Application()
+        app = web.Application(middlewares=[self._graph_middleware])
         # Routed here rather than with sio.attach(app), so stop() can see the live websockets.
         app.router.add_route("*", "/socket.io/", self._engineio_request)
         self._add_graph_routes(app)
@@ -438,8 +461,12 @@ class GraphEmulator:
 
     # ---- knobs --------------------------------------------------------------------------------
 
-    def accept_token(self, token: str) -> None:
+    def accept_token(self, token: str, *, tenant: str | None = None) -> None:
+        """Accept a bearer token; `tenant` is the tenant it belongs to (for the request log
+        and `throttle`)."""
         self._tokens.add(token)
+        if tenant is not None:
+            self.token_tenants[token] = tenant
 
     def revoke_token(self, token: str) -> None:
         self._tokens.discard(token)
@@ -518,6 +545,22 @@ class GraphEmulator:
         drive = self._drive(resource)
         for _ in range(count):
             drive.errors.append(_InjectedError(status, code, retry_after))
+
+    def throttle(
+        self,
+        *,
+        retry_after: float | None,
+        status: int = 429,
+        resource: str | None = None,
+        tenant: str | None = None,
+        count: int = 1,
+    ) -> None:
+        """Answer the next `count` Graph requests (any route: endpoint, delta, anything under
+        /v1.0/) of `resource` and/or `tenant` (None: any) with `status` and Retry-After."""
+        self._throttles.append(_Throttle(status, retry_after, resource, tenant, count))
+
+    def requests_of(self, tenant: str) -> list[GraphRequest]:
+        return [request for request in self.requests if request.tenant == tenant]
 
     # ---- drive contents and delta -------------------------------------------------------------
 
@@ -817,6 +860,35 @@ class GraphEmulator:
             resource = f"drives/{match['drive_id']}"
             return resource, resource
         return "me", "me/drive"
+
+    @web.middleware
+    async def _graph_middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Any]
+    ) -> web.StreamResponse:
+        """Log every Graph API request, and answer the injected throttles."""
+        if not request.path.startswith("/v1.0/"):
+            response: web.StreamResponse = await handler(request)
+            return response
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        tenant = self.token_tenants.get(token)
+        unrouted = getattr(request.match_info, "http_exception", None) is not None
+        resource = "" if unrouted else self._resource_of(request)[0]
+        self.requests.append(GraphRequest(time.monotonic(), request.path, resource, token, tenant))
+        for throttle in self._throttles:
+            if throttle.resource not in (None, resource) or throttle.tenant not in (None, tenant):
+                continue
+            throttle.count -= 1
+            if throttle.count <= 0:
+                self._throttles.remove(throttle)
+            return _graph_error(
+                throttle.status,
+                "activityLimitReached" if throttle.status == 429 else "serviceNotAvailable",
+                "Injected throttle.",
+                retry_after=throttle.retry_after,
+            )
+        response = await handler(request)
+        return response
 
     def _refuse_me(self, request: web.Request) -> web.Response | None:
         """What some business tenants answer on /me/drive/root/... (abraunegg/onedrive #3637)."""

@@ -184,6 +184,31 @@ async def test_injected_errors_are_answered_then_consumed(
     assert emulator.endpoint_requests["me"] == 4
 
 
+async def test_throttles_answer_any_route_of_a_tenant_and_every_request_is_logged(
+    http: aiohttp.ClientSession, emulator: GraphEmulator
+) -> None:
+    emulator.accept_token("contoso-token", tenant="contoso")
+    contoso = {"Authorization": "Bearer contoso-token"}
+    emulator.throttle(retry_after=4, tenant="contoso", count=2)
+    delta = emulator.base_url + "/drives/x/root/delta?token=latest"
+    for url in (delta, emulator.base_url + ENDPOINT["me"]):  # any route
+        async with http.get(url, headers=contoso) as resp:
+            assert resp.status == 429
+            assert resp.headers["Retry-After"] == "4"
+    async with http.get(delta, headers=AUTH) as resp:  # another tenant's token: not throttled
+        assert resp.status == 200
+    async with http.get(delta, headers=contoso) as resp:  # both throttles used up
+        assert resp.status == 200
+    assert [(r.resource, r.tenant) for r in emulator.requests] == [
+        ("drives/x", "contoso"),
+        ("me", "contoso"),
+        ("drives/x", None),
+        ("drives/x", "contoso"),
+    ]
+    assert [r.at for r in emulator.requests] == sorted(r.at for r in emulator.requests)
+    assert len(emulator.requests_of("contoso")) == 3
+
+
 async def test_errors_are_per_drive(http: aiohttp.ClientSession, emulator: GraphEmulator) -> None:
     emulator.inject_error("drives/b!AbC-123_x", 503, "serviceNotAvailable")
     await subscribe(http, emulator, "me")  # not affected
