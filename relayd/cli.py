@@ -188,12 +188,7 @@ def _admin_url(config: Config | None, state_dir: Path) -> str | None:
         return str(written["admin"])
     if config is None or not config.admin.enabled:
         return None
-    host = config.admin.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    if ":" in host:
-        host = f"[{host}]"
-    return f"http://{host}:{config.admin.port}"
+    return config.admin.local_url()
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

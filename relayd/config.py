@@ -557,6 +557,16 @@ class AdminConfig(_Model):
     def port(self) -> int:
         return _split_listen(self.listen)[1] if self.listen else 0
 
+    def local_url(self, port: int | None = None) -> str:
+        """Where a command on this machine asks the admin server (`port`: the one it bound,
+        when listen says 0): a wildcard address is asked on loopback."""
+        host = self.host
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port if port is None else port}"
+
 
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"

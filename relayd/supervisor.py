@@ -566,7 +566,7 @@ class Supervisor:
             "started": self.started_at,
             "config": str(self.config_path) if self.config_path else None,
             "state_dir": str(self.config.state_dir),
-            "admin": None if admin is None else f"http://{self.config.admin.host}:{admin.port}",
+            "admin": None if admin is None else self.config.admin.local_url(admin.port),
         }
 
     def status_line(self) -> str:

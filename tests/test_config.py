@@ -950,3 +950,15 @@ def test_graph_budget_poll_interval_and_throttle_tenant() -> None:
         "config.yaml:4: accounts.a.throttle_tenant: expected a tenant id, a tenant domain or"
         " another plain name"
     ]
+
+
+def test_the_admin_server_is_asked_on_loopback_when_it_listens_everywhere() -> None:
+    for listen, url in (
+        ("127.0.0.1:9464", "http://127.0.0.1:9464"),
+        ("0.0.0.0:9464", "http://127.0.0.1:9464"),
+        ("[::1]:9000", "http://[::1]:9000"),
+    ):
+        assert parse(f"admin: {{listen: '{listen}'}}\n").admin.local_url() == url
+    assert parse("admin: {listen: '0.0.0.0:0'}\n").admin.local_url(port=41000) == (
+        "http://127.0.0.1:41000"
+    )
