@@ -24,8 +24,12 @@ import timeit
 from collections.abc import Callable
 from typing import Any
 
-import orjson
 from socketio import packet as sio_packet
+
+try:
+    import orjson
+except ImportError:  # not a relayd dependency: this benchmark is an experiment for issue 14
+    sys.exit("json_per_notification.py needs orjson: pip install orjson")
 
 from relayd import events, graph
 
