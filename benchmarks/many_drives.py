@@ -206,21 +206,27 @@ async def start_up(
     return seen, samples, cpu_seconds(child.pid), own_cpu_seconds() - own
 
 
+def idle_drives_config(folder: Path, graph_url: str, count: int, tls: Tls | None) -> Path:
+    """A relay config for `count` drives against the emulator at `graph_url`, their webhook a
+    port nobody answers (idle drives post nothing)."""
+    drives = [Drive(f"d{i:04d}", f"drives/d{i:04d}", "bench") for i in range(1, count + 1)]
+    return write_config(
+        folder,
+        graph_url=graph_url,
+        webhooks={"bench": "http://127.0.0.1:9/hook"},
+        drives=drives,
+        secret=new_secret(),
+        concurrency=8,
+        ca_file=tls.ca_file if tls is not None else None,
+    )
+
+
 async def one_size(
     args: argparse.Namespace, workdir: Path, count: int, base: Baseline, tls: Tls | None
 ) -> SizeResult:
     folder = workdir / f"d{count}"
     async with emulator_for(tls) as emulator:
-        drives = [Drive(f"d{i:04d}", f"drives/d{i:04d}", "bench") for i in range(1, count + 1)]
-        config = write_config(
-            folder,
-            graph_url=emulator.base_url,
-            webhooks={"bench": "http://127.0.0.1:9/hook"},
-            drives=drives,
-            secret=new_secret(),
-            concurrency=8,
-            ca_file=tls.ca_file if tls is not None else None,
-        )
+        config = idle_drives_config(folder, emulator.base_url, count, tls)
         timeout = 120.0 + count * 0.1
         argv = relay_command(config, extra=args.runner)
         child = Child(argv, folder / "stderr.log", stop_timeout=120.0)

@@ -32,8 +32,8 @@ import tracemalloc
 from pathlib import Path
 from typing import Any
 
-from benchkit import Child, Drive, cpu_seconds, new_secret, raise_nofile, rss_kib, write_config
-from many_drives import Tls, emulator_for, start_up
+from benchkit import Child, cpu_seconds, raise_nofile, rss_kib
+from many_drives import Tls, emulator_for, idle_drives_config, start_up
 
 from relayd.emulator.tls import throwaway_ca
 
@@ -153,16 +153,7 @@ async def one(
     folder = workdir / f"d{count}"
     out = folder / "report.json"
     async with emulator_for(tls) as emulator:
-        drives = [Drive(f"d{i:04d}", f"drives/d{i:04d}", "bench") for i in range(1, count + 1)]
-        config = write_config(
-            folder,
-            graph_url=emulator.base_url,
-            webhooks={"bench": "http://127.0.0.1:9/hook"},
-            drives=drives,
-            secret=new_secret(),
-            concurrency=8,
-            ca_file=tls.ca_file if tls is not None else None,
-        )
+        config = idle_drives_config(folder, emulator.base_url, count, tls)
         argv = [sys.executable, THIS, "--child", "--config", str(config)]
         argv += ["--out", str(out)]
         argv += ["--trace"] if args.tracemalloc else []

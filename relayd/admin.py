@@ -46,6 +46,12 @@ DRIVE_COUNTERS = (
     ("reconnects", "relayd_reconnects", "Connections lost and re-established, per drive."),
     ("renewals", "relayd_endpoint_renewals", "socketIo endpoints renewed before expiry."),
 )
+# ChangeFeed counter -> its series (changes-mode drives only).
+FEED_COUNTERS = (
+    ("rounds", "relayd_delta_rounds", "Delta rounds completed (changes mode), per drive."),
+    ("items", "relayd_delta_items", "Changed items posted by delta rounds, per drive."),
+    ("pages", "relayd_delta_pages", "Delta pages read by completed rounds, per drive."),
+)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
@@ -148,21 +154,10 @@ class _RelayCollector(Collector):
             "Deliveries waiting in the outbox that came from the drive (all its webhooks).",
             labels=["drive"],
         )
-        rounds = CounterMetricFamily(
-            "relayd_delta_rounds",
-            "Delta rounds completed (changes mode), per drive.",
-            labels=["drive"],
-        )
-        items = CounterMetricFamily(
-            "relayd_delta_items",
-            "Changed items posted by delta rounds, per drive.",
-            labels=["drive"],
-        )
-        pages = CounterMetricFamily(
-            "relayd_delta_pages",
-            "Delta pages read by completed rounds, per drive.",
-            labels=["drive"],
-        )
+        feed_counters = {
+            field: CounterMetricFamily(name, documentation, labels=["drive"])
+            for field, name, documentation in FEED_COUNTERS
+        }
         running = GaugeMetricFamily(
             "relayd_delta_round_seconds",
             "How long the delta round under way has run (0: none), per drive.",
@@ -183,17 +178,17 @@ class _RelayCollector(Collector):
                 state.add_metric([name, candidate.value], 1 if status.state is candidate else 0)
             unstored.add_metric([name], len(watcher.inbox))
             waiting.add_metric([name], supervisor.backlog.per_drive.get(name, 0))
-            if watcher.feed is not None:
-                rounds.add_metric([name], watcher.feed.rounds)
-                pages.add_metric([name], watcher.feed.pages)
-                under_way = watcher.feed.progress
+            feed = watcher.feed
+            if feed is not None:
+                for field, family in feed_counters.items():
+                    family.add_metric([name], getattr(feed, field))
+                under_way = feed.progress
                 running.add_metric(
                     [name], 0.0 if under_way is None else now_monotonic - under_way.started
                 )
-                items.add_metric([name], watcher.feed.items)
-                lag.add_metric([name], watcher.feed.lag(now_monotonic))
+                lag.add_metric([name], feed.lag(now_monotonic))
         yield from (*counters.values(), connected, state, unstored, waiting)
-        yield from (rounds, items, pages, running, lag)
+        yield from (*feed_counters.values(), running, lag)
         yield from _store_metrics(supervisor)
 
         refreshes = CounterMetricFamily(

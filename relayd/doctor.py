@@ -50,7 +50,7 @@ async def run_checks(config: Config) -> list[Check]:
     the way the daemon's go: its TLS trust (tls.ca_file) and its proxies."""
     network = Network.from_environment(config.tls.ca_file)
     accounts, webhooks = await asyncio.gather(
-        graph_accepts_tokens(config),
+        graph_accepts_tokens(config, network),
         asyncio.gather(
             *(check_webhook(name, webhook, network) for name, webhook in config.webhooks.items())
         ),
@@ -59,9 +59,9 @@ async def run_checks(config: Config) -> list[Check]:
     return [*found, *check_state_dir(config.state_dir), check_admin(config)]
 
 
-async def graph_accepts_tokens(config: Config) -> dict[str, Check]:
+async def graph_accepts_tokens(config: Config, network: Network | None = None) -> dict[str, Check]:
     """check_account for every account, through the daemon's TLS trust and proxies."""
-    network = Network.from_environment(config.tls.ca_file)
+    network = network or Network.from_environment(config.tls.ca_file)
     async with aiohttp.ClientSession(connector=network.connector()) as session:
         graph = GraphClient(
             session,

@@ -82,7 +82,7 @@ def _drive_lines(drives: Mapping[str, Any], now: float, paint: Any) -> list[str]
     rows: list[list[Cell]] = []
     for name, drive in drives.items():
         state = drive["state"]
-        tone = _GREEN if state in _FINE_STATES else _YELLOW if state in _WAITING_STATES else _RED
+        tone = _tone_of(state)
         rows.append(
             [
                 name,
