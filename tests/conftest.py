@@ -28,8 +28,9 @@ from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.supervisor import Supervisor
 from relayd.watcher import DriveState, DriveWatcher
 
-# Fixtures kept in support modules, for every test: a test CA and the emulator over TLS.
-pytest_plugins = ["support.tls"]
+# Fixtures kept in support modules, for every test: a test CA and the emulator over TLS, and a
+# real PostgreSQL server.
+pytest_plugins = ["support.tls", "support.postgres"]
 
 
 @pytest.fixture(autouse=True)
