@@ -27,8 +27,6 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import aiohttp
-import engineio
-import socketio
 import structlog
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
@@ -51,6 +49,7 @@ from relayd.graph import (
 from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
 from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.push import Frame, LineLost, PingTimes, ProtocolError, PushSocket, Refused
 from relayd.tenant import DEFAULT_TENANT, Priority
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
@@ -72,8 +71,8 @@ OUTBOX_RETRY = 1.0
 # On stop, how long what the inbox holds may take to reach the outbox. Below the supervisor's
 # WATCHER_STOP_TIMEOUT, so that what cannot be written is counted and said, not cut short.
 FLUSH_TIMEOUT = 5.0
-# python-engineio's read loop gives up on a line after pingInterval + pingTimeout of silence, both
-# taken from the server's OPEN packet: a server that announced a day and went quiet would keep a
+# A line is given up after pingInterval + pingTimeout of silence, both taken from the server's
+# Engine.IO OPEN packet (relayd.push): a server that announced a day and went quiet would keep a
 # dead drive "connected" for a day. Engine.IO's defaults, which Graph announces, are 25 s and
 # 20 s; these caps are 12x and 6x that, so no sane server is cut short, and a silent line is
 # noticed within 7 minutes whatever was announced. A server that really pings less often than
@@ -270,86 +269,18 @@ class ConnectionLost(Exception):
     """The socket is gone; the watcher fetches a fresh endpoint and connects again."""
 
 
-class _InlineEngineIOClient(engineio.AsyncClient):  # type: ignore[misc]
-    """python-engineio's client, with less work per packet for a process holding thousands.
-
-    Event handlers run in the read loop instead of a task per message: python-engineio's tasks are
-    unbounded, and unordered as soon as a handler awaits. Inline, events are handled in arrival
-    order and a full drive queue stops the reads.
-
-    Pongs go out from the read loop as the ping is read, instead of through the send queue and
-    the write loop's task: that hop (a task wake-up and a `wait_for` per packet) was a third of
-    an idle drive's CPU, and an idle drive does nothing else (200 pings/s at 5,000 drives).
-    """
-
-    ping_interval: float  # seconds, from the server's OPEN packet (None before it)
-    ping_timeout: float
-
-    async def _trigger_event(self, event: str, *args: Any, **kwargs: Any) -> Any:
-        if event == "connect":
-            # Fired once the OPEN packet is read (ping_interval and ping_timeout set from it)
-            # and before the read loop starts, which reads both again for every packet's wait.
-            self._cap_ping_times()
-        # Only Socket.IO EVENT packets ("2..."): a DISCONNECT ("1...") handler awaits the read
-        # loop itself, which it cannot do from inside it.
-        if event == "message" and args and isinstance(args[0], str) and args[0][:1] == "2":
-            kwargs["run_async"] = False
-        return await super()._trigger_event(event, *args, **kwargs)
-
-    def _cap_ping_times(self) -> None:
-        """Trust the server's ping times only up to the caps (see MAX_PING_INTERVAL). Logged
-        from the drive's task, which binds the drive's name to its lines."""
-        interval, timeout = self.ping_interval, self.ping_timeout
-        self.ping_interval = min(interval, MAX_PING_INTERVAL)
-        self.ping_timeout = min(timeout, MAX_PING_TIMEOUT)
-        if (self.ping_interval, self.ping_timeout) != (interval, timeout):
-            _log.warning(
-                "server announced ping times beyond the caps; a silent line is noticed sooner",
-                ping_interval=interval,
-                ping_timeout=timeout,
-                capped_to=[self.ping_interval, self.ping_timeout],
-            )
-
-    async def _send_packet(self, pkt: engineio.packet.Packet) -> None:
-        if (
-            pkt.packet_type == engineio.packet.PONG
-            and self.state == "connected"
-            and self.current_transport == "websocket"
-        ):
-            # A frame is written whole, synchronously: it cannot interleave with the write
-            # loop's. A failure here is the read loop's to notice, on its next read.
-            with contextlib.suppress(aiohttp.ClientError, OSError):
-                await self.ws.send_str(pkt.encode())
-            return
-        await super()._send_packet(pkt)
-
-    async def _write_loop(self) -> None:
-        """Send what is queued (Socket.IO's connect, its disconnect) until told to stop (None).
-
-        python-engineio's write loop gives up when nothing is queued for a ping interval plus
-        five seconds, which now that pongs skip the queue is every quiet drive. A silent server
-        is noticed by the read loop's timeout instead (ping interval plus ping timeout).
-        """
-        try:
-            while self.state == "connected":
-                pkt = await self.queue.get()
-                self.queue.task_done()
-                if pkt is None:
-                    break
-                try:
-                    if pkt.binary:
-                        await self.ws.send_bytes(pkt.encode())
-                    else:
-                        await self.ws.send_str(pkt.encode())
-                except (aiohttp.ClientError, OSError):
-                    break
-        finally:
-            self.write_loop_task = None  # the read loop's sign that writing is over
-
-
-class _SocketClient(socketio.AsyncClient):  # type: ignore[misc]
-    def _engineio_client_class(self) -> type[engineio.AsyncClient]:
-        return _InlineEngineIOClient
+def cap_ping_times(times: PingTimes) -> PingTimes:
+    """Trust the server's ping times only up to the caps (see MAX_PING_INTERVAL). Logged from
+    the drive's task, which binds the drive's name to its lines."""
+    capped = PingTimes(min(times.interval, MAX_PING_INTERVAL), min(times.timeout, MAX_PING_TIMEOUT))
+    if capped != times:
+        _log.warning(
+            "server announced ping times beyond the caps; a silent line is noticed sooner",
+            ping_interval=times.interval,
+            ping_timeout=times.timeout,
+            capped_to=[capped.interval, capped.timeout],
+        )
+    return capped
 
 
 class DriveWatcher:
@@ -395,6 +326,7 @@ class DriveWatcher:
         self._generation = 0
         self._recent: OrderedDict[str, tuple[int, float]] = OrderedDict()
         self._sockets = 0  # open connections: two only during a switch-over
+        self._live: list[_Connection] = []  # those connections, for stop() to wake their reads
         self._dedupe_until = 0.0
         self.log = structlog.get_logger("relayd.watcher").bind(drive=drive.name)
         # Each failed connect is logged at debug level; the outage is what is logged above it.
@@ -404,6 +336,8 @@ class DriveWatcher:
         """Stop taking notifications; `run()` returns once what arrived is in the outbox, or
         once FLUSH_TIMEOUT has passed: then `inbox` still holds what could not be written."""
         self._stopping.set()
+        for connection in self._live:
+            connection.wake("stop")
 
     async def run(self) -> None:
         name = self.drive.name
@@ -505,7 +439,9 @@ class DriveWatcher:
                     self.status.enter(DriveState.CONNECTED)
                     self._connected(how)
                 renew_in = renewal_delay(current.subscription.expires_at, datetime.now(UTC))
-                outcome = await self._until_lost_or(current, renew_in)
+                # The drive's own task reads its socket until it is lost, a renewal is due or
+                # the drive stops: no task of its own for the socket, no waiters (relayd.push).
+                outcome = await current.relay(renew_in)
                 if outcome == "stop":
                     return
                 if outcome == "lost":
@@ -522,22 +458,6 @@ class DriveWatcher:
         finally:
             if current is not None:
                 await current.close()
-
-    async def _until_lost_or(self, connection: _Connection, seconds: float) -> str:
-        """ "lost", "stop", or "renew" once `seconds` have passed with the connection up."""
-        lost = asyncio.create_task(connection.lost.wait())
-        stop = asyncio.create_task(self._stopping.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {lost, stop}, timeout=seconds, return_when="FIRST_COMPLETED"
-            )
-        finally:
-            for task in (lost, stop):
-                task.cancel()
-            await asyncio.gather(lost, stop, return_exceptions=True)
-        if stop in done:
-            return "stop"
-        return "lost" if lost in done else "renew"
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -557,7 +477,6 @@ class DriveWatcher:
                     OSError,
                     aiohttp.ClientError,
                     TimeoutError,
-                    socketio.exceptions.ConnectionError,
                 )
             ),
             before_sleep=self._before_retry,
@@ -646,10 +565,29 @@ class DriveWatcher:
 
     async def _renew(self, current: _Connection) -> _Connection:
         """Switch to a fresh endpoint, make before break; keep the old one if that fails."""
+        async with asyncio.TaskGroup() as group:
+            # The current socket is read meanwhile (its pongs and notifications go on): the
+            # endpoint fetch waits for its tenant's turn, which may take longer than the
+            # server waits for a pong. This task is the only one a drive adds, and only now.
+            reading = group.create_task(
+                current.relay(None), name=f"relayd-renewing-{self.drive.name}"
+            )
+            fresh = await self._try_renewal(current)
+            if not reading.done():  # it ends by itself when the line is lost or relayd stops
+                current.wake("renewed")  # back to reading in the drive's own task
+        if fresh is None:
+            return current
+        self.status.renewals += 1
+        await current.close()
+        self.log.info("endpoint renewed")
+        self._connected("renewal")
+        return fresh
+
+    async def _try_renewal(self, current: _Connection) -> _Connection | None:
         try:
             # First in its tenant's line: a socket that is up stays up, even while thousands of
             # other drives wait for their first connect.
-            fresh = await self._open(Priority.RENEW)
+            return await self._open(Priority.RENEW)
         except Exception as error:
             expires = current.subscription.expires_at
             self.log.warning(
@@ -660,12 +598,7 @@ class DriveWatcher:
                 current.mark_lost("endpoint expired and renewal failed")
             else:
                 await self._pause(backoff_delay(2))
-            return current
-        self.status.renewals += 1
-        await current.close()
-        self.log.info("endpoint renewed")
-        self._connected("renewal")
-        return fresh
+            return None
 
     _warned_unencrypted = False  # set on the instance once its drive has been warned about
 
@@ -688,8 +621,7 @@ class DriveWatcher:
         try:
             items = parse_notification_event(payload)
         except MalformedNotification as exc:
-            self.status.malformed += 1
-            self.log.warning("malformed notification ignored", reason=str(exc))
+            self.malformed(str(exc))
             return
         fresh = [item for item in items if not self._is_copy(item, generation, received)]
         if not fresh:
@@ -703,6 +635,10 @@ class DriveWatcher:
         await self.inbox.put(
             notification_deliveries(drive.name, drive.resource, drive.webhook, fresh, received)
         )
+
+    def malformed(self, reason: str) -> None:
+        self.status.malformed += 1
+        self.log.warning("malformed notification ignored", reason=reason)
 
     def _is_copy(self, item: Mapping[str, Any], generation: int, now: float) -> bool:
         """True for a notification the other socket already brought during a switch-over.
@@ -772,31 +708,17 @@ class _TokenRefused(Exception):
 
 
 class _Connection:
-    """One Socket.IO connection to one socketIo endpoint."""
+    """One socket to one socketIo endpoint (relayd.push), read by the drive's own task."""
 
     def __init__(self, watcher: DriveWatcher, subscription: Subscription, generation: int) -> None:
         self.subscription = subscription
         self.generation = generation
-        self.lost = asyncio.Event()
         self.lost_reason: str | None = None
         self._watcher = watcher
         self._opened = time.monotonic()
         self._closed = False
-        options: dict[str, Any] = {
-            "reconnection": False,
-            "handle_sigint": False,
-            # A close handshake on a dead line waits this long before dropping the socket.
-            "websocket_extra_options": {
-                "timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
-                **watcher._socket_options(subscription.target.server_url),
-            },
-        }
-        if watcher._socket_session is not None:
-            options["http_session"] = watcher._socket_session
-        self._client = _SocketClient(**options)
-        namespace = subscription.target.namespace
-        self._client.on("notification", self._on_notification, namespace=namespace)
-        self._client.on("disconnect", self._on_disconnect, namespace=namespace)
+        self._socket: PushSocket | None = None
+        self._own_session: aiohttp.ClientSession | None = None  # without the supervisor's
 
     @property
     def age(self) -> float:
@@ -804,51 +726,83 @@ class _Connection:
 
     async def open(self) -> None:
         target = self.subscription.target
-        self._watcher._socket_opened()
+        watcher = self._watcher
+        watcher._socket_opened()
+        watcher._live.append(self)
+        session = watcher._socket_session
+        if session is None:
+            session = self._own_session = aiohttp.ClientSession()
+        options = {
+            # A close handshake on a dead line waits this long before dropping the socket.
+            "timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
+            **watcher._socket_options(target.server_url),
+        }
         try:
-            await asyncio.wait_for(
-                self._client.connect(
+            async with asyncio.timeout(CONNECT_TIMEOUT * 2):
+                self._socket = await PushSocket.connect(
+                    session,
                     target.server_url,
-                    namespaces=[target.namespace],
-                    transports=["websocket"],
-                    socketio_path="socket.io",
-                    wait_timeout=CONNECT_TIMEOUT,
-                ),
-                CONNECT_TIMEOUT * 2,
-            )
+                    target.namespace,
+                    cap=cap_ping_times,
+                    options=options,
+                )
         except BaseException as exc:
             await self.close()
-            if isinstance(exc, socketio.exceptions.ConnectionError):
-                # python-socketio puts the server's refusal in the message; never the URL.
+            if isinstance(exc, Refused):
                 raise ConnectionLost(f"socket refused: {exc}") from None
+            if isinstance(exc, LineLost | ProtocolError):
+                raise ConnectionLost(str(exc)) from None
+            if isinstance(exc, aiohttp.ClientResponseError):
+                # Its text holds the URL, and the URL's query is the endpoint's credential.
+                raise ConnectionLost(f"socket refused: HTTP {exc.status}") from None
             raise
         self._opened = time.monotonic()
 
-    async def _on_notification(self, payload: object = None, *extra: object) -> None:
-        await self._watcher.on_event(self.generation, payload)
+    async def relay(self, seconds: float | None) -> str:
+        """Read the socket: "lost", "stop", "renewed" (see wake) or "renew" once `seconds` have
+        passed with the connection up (None: no deadline)."""
+        socket = self._socket
+        if self.lost_reason is not None or socket is None:
+            return "lost"
+        loop = asyncio.get_running_loop()
+        socket.wake_at(None if seconds is None else loop.time() + seconds)
+        try:
+            woken = await socket.relay(self._on_frame)
+        except LineLost as lost:
+            self.mark_lost(str(lost))
+            return "lost"
+        if self.lost_reason is not None:
+            return "lost"
+        return "renew" if woken == "deadline" else woken
 
-    async def _on_disconnect(self, reason: object = None) -> None:
-        self.mark_lost(f"disconnected ({reason})" if reason else "disconnected")
+    def wake(self, reason: str) -> None:
+        """End a `relay()` (now, or as soon as the event it is handing on is held)."""
+        if self._socket is not None:
+            self._socket.wake(reason)
+
+    async def _on_frame(self, frame: Frame) -> None:
+        if frame.kind == "malformed":
+            self._watcher.malformed(str(frame.args[0]))
+        elif frame.args[0] == "notification":  # other events are not Graph's: ignored
+            payload = frame.args[1] if len(frame.args) > 1 else None
+            await self._watcher.on_event(self.generation, payload)
 
     def mark_lost(self, reason: str) -> None:
-        if not self.lost.is_set():
+        if self.lost_reason is None:
             self.lost_reason = reason
-            self.lost.set()
+            self.wake("lost")
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._watcher._socket_closed()
+        self._watcher._live.remove(self)
         self.mark_lost("closed by relayd")
-        with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError):
-            await asyncio.wait_for(self._client.disconnect(), CLOSE_TIMEOUT * 2)
-        # python-engineio leaves the WebSocket open when its read loop gives up on a silent
-        # line (it only resets its own state), which would leak the connection: close it here.
-        websocket = getattr(self._client.eio, "ws", None)
-        if websocket is not None and not websocket.closed:
-            with contextlib.suppress(TimeoutError, OSError, aiohttp.ClientError):
-                await asyncio.wait_for(websocket.close(), CLOSE_TIMEOUT * 2)
+        if self._socket is not None:
+            await self._socket.close(CLOSE_TIMEOUT * 2)
+        if self._own_session is not None:
+            await self._own_session.close()
 
 
 def describe(error: BaseException | None) -> str:

@@ -437,3 +437,33 @@ async def test_copies_read_only_after_the_old_socket_began_closing_are_still_dro
     now = time.time()
     assert not watcher._is_copy(item, generation=1, now=now)
     assert watcher._is_copy(copy, generation=2, now=now)
+
+
+@pytest.mark.timeout(60)
+async def test_a_socket_answers_pings_and_relays_while_its_renewal_waits_for_graph(
+    tmp_path: Path, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    """The renewal's endpoint fetch hangs (Graph behind a frozen proxy, the push service direct)
+    for longer than the server waits for a pong. The socket that is up keeps answering pings and
+    relaying: it stays the same connection, and the renewal completes once Graph answers."""
+    # Pings every 0.5 s, 0.5 s to answer; a 10 s lifetime renews at 5 s, expires (quietly) at 10.
+    emulator = GraphEmulator(
+        tokens=[TOKEN], ping_interval=0.5, ping_timeout=0.5, lifetime=10, expiry="quiet"
+    )
+    async with emulator as graph, FreezableProxy(graph.port) as proxy:
+        proxied = {"base_url": f"http://127.0.0.1:{proxy.port}/v1.0"}
+        relay = await start_relay(relay_config(tmp_path, graph, receiver, graph=proxied))
+        await relay.connected()
+        proxy.freeze()  # from now on the endpoint fetch waits: the renewal is due at 5 s
+        await stays_true(
+            lambda: relay.watcher().status.reconnects == 0 and graph.connects["me"] == 1,
+            seconds=7,  # 2 s and more past the renewal's start: four missed pongs' worth
+            what="the first connection, through the stuck renewal",
+        )
+        await graph.emit("me")
+        assert seqs(await wait_notifications(receiver, 1)) == [1]
+        proxy.thaw()
+        await wait_until(lambda: relay.watcher().status.renewals == 1, what="the renewal")
+        await graph.emit("me")
+        assert seqs(await wait_notifications(receiver, 2)) == [1, 2]
+        assert relay.watcher().status.reconnects == 0
