@@ -29,6 +29,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import socketio
 
+from relayd import eventloop
+
 TOKEN = "bench-token"
 
 
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--load needs --hook")
     if not args.load and (not args.endpoint or not (args.null or args.hook)):
         parser.error("give --endpoint and --hook (or --null)")
-    return asyncio.run(amain(args))
+    # The same loop as the daemon's (uvloop where installed; RELAYD_EVENT_LOOP): a fair baseline.
+    return eventloop.run(amain(args))
 
 
 if __name__ == "__main__":

@@ -255,6 +255,32 @@ def relay_command(
     return [*argv, "--config", str(config)]
 
 
+LOOPS = ("default", "asyncio", "uvloop")
+
+
+def loop_env(loop: str) -> dict[str, str] | None:
+    """A relay child's environment for a `--loop` choice: "default" leaves the daemon's own
+    (uvloop where installed, relayd.eventloop), the others set RELAYD_EVENT_LOOP."""
+    if loop == "default":
+        return None
+    return {**os.environ, "RELAYD_EVENT_LOOP": loop}
+
+
+def loop_name(loop: str) -> str:
+    """What a `--loop` choice runs on in this environment, for the report."""
+    from relayd.eventloop import choose
+
+    if loop != "default":
+        return loop
+    return choose(os.environ.get("RELAYD_EVENT_LOOP"), uvloop_installed=_has("uvloop"))
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
 def replace(module: ModuleType, name: str, value: object) -> None:
     """Put `value` in place of a module's global `name`: how the benchmarks swap relayd's parts
     (the outbox class, the outbox's executor) without a hook in relayd for it."""

@@ -37,10 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from benchkit import (
+    LOOPS,
     TOKEN,
     Child,
     Drive,
     cpu_seconds,
+    loop_env,
+    loop_name,
     machine,
     machine_line,
     new_secret,
@@ -137,7 +140,7 @@ async def baseline(args: argparse.Namespace, workdir: Path, tls: Tls | None) -> 
             ca_file=tls.ca_file if tls is not None else None,
         )
         argv = relay_command(config, extra=args.runner)
-        async with Child(argv, workdir / "d0" / "stderr.log") as child:
+        async with Child(argv, workdir / "d0" / "stderr.log", env=loop_env(args.loop)) as child:
             await asyncio.sleep(args.settle)
             child.check_alive("the relay with 0 drives")
             rss = rss_kib(child.pid)
@@ -229,7 +232,7 @@ async def one_size(
         config = idle_drives_config(folder, emulator.base_url, count, tls)
         timeout = 120.0 + count * 0.1
         argv = relay_command(config, extra=args.runner)
-        child = Child(argv, folder / "stderr.log", stop_timeout=120.0)
+        child = Child(argv, folder / "stderr.log", stop_timeout=120.0, env=loop_env(args.loop))
         async with child:
             seen, samples, relay_cpu, harness_cpu = await start_up(child, emulator, count, timeout)
             first_request, mean, peak = request_rates(samples)
@@ -287,6 +290,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "nofile_soft_limit": limit,
             "runner": args.runner,
             "tls": args.tls,
+            "loop": loop_name(args.loop),
         },
         "baseline": {"rss_kib": base.rss_kib, "idle": _json(asdict(base.idle))},
         "sizes": [_json(asdict(r)) for r in results],
@@ -336,7 +340,8 @@ def render(document: dict[str, Any]) -> str:
             f"emulator pings every {settings['ping_interval']} s; idle measured over"
             f" {settings['idle_seconds']:g} s after {settings['settle_seconds']:g} s settling;"
             f" RLIMIT_NOFILE soft {settings['nofile_soft_limit']};"
-            + (" https/wss (test CA)" if settings.get("tls") else " plain http/ws"),
+            + (" https/wss (test CA)" if settings.get("tls") else " plain http/ws")
+            + f"; event loop {settings.get('loop', '?')}",
             f"relay with 0 drives: RSS {base['rss_kib'] / 1024:.1f} MiB,"
             f" idle CPU {base['idle']['relay_cpu_pct']:.2f} % of one core",
             "",
@@ -384,11 +389,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tls", action="store_true", help="emulator over https/wss, trusted via tls.ca_file"
     )
+    parser.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="default",
+        help="the relay's event loop (default: the daemon's own choice, uvloop where installed)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
     args.sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
-    if not args.sizes or min(args.sizes) < 1 or max(args.sizes) > 9999:
-        parser.error("--sizes: drive counts from 1 to 9999")
+    if not args.sizes or min(args.sizes) < 1 or max(args.sizes) > 20_000:
+        parser.error("--sizes: drive counts from 1 to 20000")
     document = asyncio.run(run(args))
     if args.json:
         print_json(document)

@@ -82,10 +82,8 @@ def report(out: Path, traced: bool) -> None:
 def child_main(args: argparse.Namespace) -> int:
     if args.trace:
         tracemalloc.start(1)
-    if args.uvloop:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    # The daemon picks its loop itself (relayd.eventloop): tell it which.
+    os.environ["RELAYD_EVENT_LOOP"] = "uvloop" if args.uvloop else "asyncio"
 
     def on_usr1(_signum: int, _frame: object) -> None:
         # Runs in the main thread (the event loop's) between bytecodes: nothing runs meanwhile.

@@ -1,10 +1,11 @@
 """`relayd run` with benchmark-only substitutions, in its own process.
 
-    python benchmarks/relay_runner.py [--memory] [--uvloop] --config CONFIG
+    python benchmarks/relay_runner.py [--memory] [--uvloop | --asyncio] --config CONFIG
 
 --memory   the store bypassed: `benchmarks/memory_outbox.MemoryOutbox` replaces the SQLite outbox
            (patched in as `relayd.supervisor.Outbox`, the name the supervisor constructs).
---uvloop   uvloop's event loop instead of asyncio's (needs `uvloop` importable; an experiment).
+--uvloop   uvloop's event loop (RELAYD_EVENT_LOOP=uvloop; the daemon's default where installed).
+--asyncio  asyncio's own event loop (RELAYD_EVENT_LOOP=asyncio), to compare.
 --gc-stats write the garbage collector's cumulative time per generation to stderr every 10 s, as
            a JSON line {"gc": {"0": [collections, seconds], ...}, "at": monotonic} (experiment).
 --gc-freeze SECONDS  gc.freeze() that long after start, moving everything alive then (the drives'
@@ -16,15 +17,16 @@ Everything else is exactly `python -m relayd run --config CONFIG`.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import json
+import os
 import sys
 import threading
 import time
 from typing import Any
 
 import relayd.supervisor
+from relayd import eventloop
 from relayd.cli import main as relayd_main
 
 
@@ -59,6 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory", action="store_true", help="in-memory outbox, no SQLite")
     parser.add_argument("--uvloop", action="store_true", help="run on uvloop")
+    parser.add_argument("--asyncio", action="store_true", help="run on asyncio's own loop")
     parser.add_argument("--gc-stats", action="store_true", help="report GC time every 10 s")
     parser.add_argument("--gc-freeze", type=float, default=None, help="gc.freeze() after SECONDS")
     parser.add_argument("--config", required=True)
@@ -74,10 +77,9 @@ def main() -> int:
         from memory_outbox import MemoryOutbox
 
         replace(relayd.supervisor, "Outbox", MemoryOutbox)
-    if args.uvloop:
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    if args.uvloop or args.asyncio:
+        # The daemon picks its loop itself (relayd.eventloop): tell it which.
+        os.environ[eventloop.ENV] = "uvloop" if args.uvloop else "asyncio"
     return int(relayd_main(["run", "--config", args.config]))
 
 

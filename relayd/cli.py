@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from relayd import __version__, logs
+from relayd import __version__, eventloop, logs
 from relayd.auth import (
     AccountReport,
     AuthError,
@@ -101,7 +101,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Whatever the service manager's umask: state files hold tenant ids, notification bodies and
     # receivers' answers, and are for relayd's user alone.
     os.umask(os.umask(0o077) | 0o077)
-    lost = asyncio.run(serve(config, config_path=config_path(args.config)))
+    # uvloop when installed (relayd.eventloop): less CPU per idle socket and per notification.
+    lost = eventloop.run(serve(config, config_path=config_path(args.config)))
     return EXIT_LOST if lost else 0
 
 
@@ -750,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    except (ConfigFileMissing, StartupError, OutboxError) as exc:
+    except (ConfigFileMissing, StartupError, OutboxError, eventloop.EventLoopError) as exc:
         print(f"relayd: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

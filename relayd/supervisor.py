@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import structlog
 
-from relayd import __version__, logs
+from relayd import __version__, eventloop, logs
 from relayd.admin import AdminServer, Metrics
 from relayd.auth import (
     CommandTokenProvider,
@@ -225,6 +225,7 @@ class Supervisor:
             log.info(
                 "started",
                 version=__version__,
+                loop=eventloop.running(),
                 config=str(self.config_path) if self.config_path else None,
                 state_dir=str(config.state_dir),
                 store=f"sqlite {config.state_dir / OUTBOX_FILE}",

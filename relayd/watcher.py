@@ -735,6 +735,9 @@ class _Connection:
         options = {
             # A close handshake on a dead line waits this long before dropping the socket.
             "timeout": aiohttp.ClientWSTimeout(ws_close=CLOSE_TIMEOUT),
+            # No permessage-deflate: a Graph frame is a ping or a notification of a few hundred
+            # bytes, and a zlib stream pair per socket costs memory and CPU on every frame.
+            "compress": 0,
             **watcher._socket_options(target.server_url),
         }
         try:
