@@ -755,7 +755,10 @@ class _Connection:
                 raise ConnectionLost(f"socket refused: {exc}") from None
             if isinstance(exc, LineLost | ProtocolError):
                 raise ConnectionLost(str(exc)) from None
-            if isinstance(exc, aiohttp.ClientResponseError):
+            if isinstance(exc, aiohttp.ClientResponseError) and not isinstance(
+                exc,
+                aiohttp.ClientHttpProxyError,  # told apart by describe(), credential-free
+            ):
                 # Its text holds the URL, and the URL's query is the endpoint's credential.
                 raise ConnectionLost(f"socket refused: HTTP {exc.status}") from None
             raise

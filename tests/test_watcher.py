@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import structlog
+from aiohttp import web
 from conftest import TOKEN, StartRelay, relay_config, seqs, wait_notifications
 from support.proxy import FreezableProxy
 from support.waiting import stays_true, wait_until
@@ -467,3 +468,37 @@ async def test_a_socket_answers_pings_and_relays_while_its_renewal_waits_for_gra
         await graph.emit("me")
         assert seqs(await wait_notifications(receiver, 2)) == [1, 2]
         assert relay.watcher().status.reconnects == 0
+
+
+async def test_a_refused_websocket_upgrade_is_said_without_the_endpoints_credential(
+    emulator: GraphEmulator, start_relay: StartRelay
+) -> None:
+    """The push service answers the WebSocket upgrade with 403. aiohttp's error names the URL,
+    whose query is the endpoint's credential: what the drive shows and logs gives the status."""
+    seen: list[str] = []
+
+    async def refuse(request: web.Request) -> web.Response:
+        seen.append(request.query_string)
+        return web.Response(status=403)
+
+    app = web.Application()
+    app.router.add_get("/socket.io/", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        emulator.push_base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        with structlog.testing.capture_logs() as lines:
+            relay = await start_relay()
+            await wait_until(lambda: len(seen) >= 2, timeout=20, what="a refusal and a retry")
+        status = relay.watcher().status
+        assert status.state is DriveState.RECONNECTING
+        assert status.last_error == "ConnectionLost: socket refused: HTTP 403"
+    finally:
+        await runner.cleanup()
+    secrets = emulator.issued_secrets()
+    assert secrets and any(secret in query for secret in secrets for query in seen)
+    text = repr(lines) + repr(status)
+    assert "socket refused: HTTP 403" in text
+    assert not any(secret in text for secret in secrets)
