@@ -21,6 +21,7 @@ import resource
 import secrets
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -300,6 +301,38 @@ def notification_seq(body: bytes) -> int:
 # -- child processes -------------------------------------------------------------------------------
 
 
+class ExitWatch:
+    """When a child process exits, seen from a thread that polls /proc/PID/stat every 10 ms
+    (zombie or gone), so that a busy event loop in this process does not delay the figure."""
+
+    def __init__(self, pid: int) -> None:
+        self._pid = pid
+        self._started = 0.0
+        self._exited: float | None = None
+        self._thread = threading.Thread(target=self._poll, name=f"exit-watch-{pid}", daemon=True)
+
+    def start(self) -> None:
+        self._started = time.monotonic()
+        self._thread.start()
+
+    def _poll(self) -> None:
+        stat = Path(f"/proc/{self._pid}/stat")
+        while True:
+            try:
+                state = stat.read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                state = "gone"
+            if state in ("Z", "X", "gone"):
+                self._exited = time.monotonic()
+                return
+            time.sleep(0.01)
+
+    def seconds(self) -> float | None:
+        """Seconds from start() to the exit; None if not seen yet."""
+        self._thread.join(timeout=1.0)
+        return None if self._exited is None else self._exited - self._started
+
+
 class Child:
     """A child process that is always cleaned up: SIGTERM, then SIGKILL after a grace period.
 
@@ -325,6 +358,7 @@ class Child:
         self.process: asyncio.subprocess.Process | None = None
         self.started_at = 0.0
         self.exit_code: int | None = None
+        self.stop_seconds: float | None = None  # SIGTERM to exit, set by stop()
 
     @property
     def pid(self) -> int:
@@ -372,17 +406,24 @@ class Child:
             raise RuntimeError(f"{what} exited (code {code}) early:\n{self.tail()}")
 
     async def stop(self) -> int | None:
-        """SIGTERM; SIGKILL if it has not exited within stop_timeout. Returns the exit code."""
+        """SIGTERM; SIGKILL if it has not exited within stop_timeout. Returns the exit code.
+
+        `stop_seconds` is then how long it took to exit, timed by a thread that watches
+        /proc: this process's event loop (busy with an emulator serving thousands of sockets)
+        can notice the exit many seconds late."""
         process = self.process
         if process is None:
             return None
         if process.returncode is None:
+            watch = ExitWatch(process.pid)
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
+            watch.start()
             try:
                 await asyncio.wait_for(process.wait(), self.stop_timeout)
             except TimeoutError:
                 await self.kill()
+            self.stop_seconds = watch.seconds()
         self.exit_code = process.returncode
         return self.exit_code
 
