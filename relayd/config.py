@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shlex
+import socket
 import ssl
 import types
 import urllib.parse
@@ -585,6 +586,23 @@ class OutboxConfig(_Model):
     disk_reserve: _Size = 16 << 20
 
 
+def _default_replica() -> str:
+    """hostname-pid: unique on a machine and across machines, and readable in /status."""
+    return f"{socket.gethostname()[:50]}-{os.getpid()}"
+
+
+class ClusterConfig(_Model):
+    """Several replicas over one PostgreSQL store (docs/cluster.md)."""
+
+    # This replica's name: the holder in the lease rows and its row in `replicas`. Each replica
+    # needs its own (a Deployment's ${HOSTNAME} is the pod's name).
+    replica: _Name = Field(default_factory=_default_replica)
+    # A replica that stops renewing loses its drives after this: the longest a dead replica's
+    # drives go unwatched (plus the connect time), against how long a PostgreSQL hiccup may
+    # last before a healthy replica gives its drives up. Renewed every lease / 3.
+    lease: Annotated[float, _duration(allow_zero=False), Field(ge=1.0, le=3600.0)] = 15.0
+
+
 _GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 # MSAL adds these itself and refuses them in an explicit scope list.
@@ -891,6 +909,7 @@ class Config(_Model):
     accounts: dict[_Name, AccountConfig] = Field(default_factory=dict)
     webhooks: dict[_Name, WebhookConfig] = Field(default_factory=dict)
     drives: tuple[DriveConfig, ...] = ()
+    cluster: ClusterConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
