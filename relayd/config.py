@@ -569,23 +569,6 @@ class AdminConfig(_Model):
         return f"http://{host}:{self.port if port is None else port}"
 
 
-class LogConfig(_Model):
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["json", "console"] = "json"
-
-    @field_validator("level", "format", mode="before")
-    @classmethod
-    def _lower(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
-
-
-class OutboxConfig(_Model):
-    delivered_retention: _DurationOrZero = 7 * 86400.0
-    # Space kept free beside the store (a file of this size in state_dir, given up when the disk
-    # fills), so that a full disk still lets what is stored be delivered. 0 turns it off.
-    disk_reserve: _Size = 16 << 20
-
-
 def _default_replica() -> str:
     """hostname-pid: unique on a machine and across machines, and readable in /status."""
     return f"{socket.gethostname()[:50]}-{os.getpid()}"
@@ -601,6 +584,23 @@ class ClusterConfig(_Model):
     # drives go unwatched (plus the connect time), against how long a PostgreSQL hiccup may
     # last before a healthy replica gives its drives up. Renewed every lease / 3.
     lease: Annotated[float, _duration(allow_zero=False), Field(ge=1.0, le=3600.0)] = 15.0
+
+
+class LogConfig(_Model):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+class OutboxConfig(_Model):
+    delivered_retention: _DurationOrZero = 7 * 86400.0
+    # Space kept free beside the store (a file of this size in state_dir, given up when the disk
+    # fills), so that a full disk still lets what is stored be delivered. 0 turns it off.
+    disk_reserve: _Size = 16 << 20
 
 
 _GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
