@@ -3,7 +3,7 @@
     python benchmarks/relay_runner.py [--memory] [--uvloop] --config CONFIG
 
 --memory   the store bypassed: `benchmarks/memory_outbox.MemoryOutbox` replaces the SQLite outbox
-           (patched in as `relayd.supervisor.Outbox`, the name the supervisor constructs).
+           (patched in as `relayd.supervisor.open_store`, the name the supervisor opens it by).
 --uvloop   uvloop's event loop instead of asyncio's (needs `uvloop` importable; an experiment).
 --gc-stats write the garbage collector's cumulative time per generation to stderr every 10 s, as
            a JSON line {"gc": {"0": [collections, seconds], ...}, "at": monotonic} (experiment).
@@ -71,9 +71,9 @@ def main() -> int:
         timer.start()
     if args.memory:
         from benchkit import replace
-        from memory_outbox import MemoryOutbox
+        from memory_outbox import open_memory_store
 
-        replace(relayd.supervisor, "Outbox", MemoryOutbox)
+        replace(relayd.supervisor, "open_store", open_memory_store)
     if args.uvloop:
         import uvloop
 

@@ -27,7 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from relayd import __version__
-from relayd.outbox import AttemptResult, State
+from relayd.store import AttemptResult, State
 from relayd.watcher import DriveState, DriveWatcher
 
 if TYPE_CHECKING:

@@ -603,6 +603,32 @@ class OutboxConfig(_Model):
     disk_reserve: _Size = 16 << 20
 
 
+def _check_store_url(value: str) -> str:
+    # Never quoted in a message: the URL may hold the database password.
+    problem = _Invalid(
+        "expected postgresql://user[:password]@host[:port]/database (omit store.url for SQLite)"
+    )
+    parts = urllib.parse.urlsplit(value.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise problem from None
+    query = urllib.parse.parse_qs(parts.query)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise problem
+    if not parts.hostname and "host" not in query:  # ?host=/run/postgresql: a Unix socket
+        raise problem
+    return value.strip()
+
+
+class StoreConfig(_Model):
+    """Where notifications are kept: SQLite in state_dir (url omitted, the default) or a
+    PostgreSQL database shared by every replica."""
+
+    # A secret: it may hold the password (write ${PGPASSWORD}); never logged or shown whole.
+    url: Annotated[str, AfterValidator(_check_store_url)] | None = Field(default=None, repr=False)
+
+
 _GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
 _TENANT: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 # MSAL adds these itself and refuses them in an explicit scope list.
@@ -906,6 +932,7 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     outbox: OutboxConfig = OutboxConfig()
+    store: StoreConfig = StoreConfig()
     accounts: dict[_Name, AccountConfig] = Field(default_factory=dict)
     webhooks: dict[_Name, WebhookConfig] = Field(default_factory=dict)
     drives: tuple[DriveConfig, ...] = ()

@@ -33,7 +33,7 @@ from relayd.auth import AuthError, TokenProvider
 from relayd.config import DriveConfig
 from relayd.events import changes_deliveries, resync_deliveries
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, retry_delay
-from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.store import NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
 
 OUTBOX_RETRY = 1.0
@@ -146,7 +146,7 @@ class ChangeFeed:
         *,
         graph: GraphClient,
         tokens: TokenProvider,
-        outbox: Outbox,
+        outbox: Store,
         tenant: str = DEFAULT_TENANT,
     ) -> None:
         self.drive = drive

@@ -26,7 +26,8 @@ from relayd.auth import AuthError, HttpClient
 from relayd.config import AccountConfig, Config, WebhookConfig
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse
 from relayd.network import Network, Proxy, describe_connection_error
-from relayd.supervisor import OUTBOX_FILE, daemon_pid, token_provider
+from relayd.store import OUTBOX_FILE
+from relayd.supervisor import daemon_pid, token_provider
 
 CONNECT_TIMEOUT = 10.0
 

@@ -44,14 +44,13 @@ from relayd.config import (
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
 from relayd.network import Network, mask_proxy_url, trim_tls_read_buffers
-from relayd.outbox import Backlog, Outbox, Reservation
+from relayd.store import Backlog, Reservation, Store, open_store
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.tenant import TenantReport, tenant_key
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
 log = structlog.get_logger("relayd.supervisor")
 
-OUTBOX_FILE = "outbox.sqlite3"
 LOCK_FILE = "relayd.lock"
 DAEMON_FILE = "daemon.json"  # where the running daemon answers: its pid and admin address
 WATCHER_STOP_TIMEOUT = 10.0  # watchers only close sockets and flush their queue to disk
@@ -134,7 +133,7 @@ class Supervisor:
         self.watchers: dict[str, DriveWatcher] = {}
         self.dispatchers: dict[str, Dispatcher] = {}
         self.tokens: dict[str, TokenProvider] = {}
-        self.outbox: Outbox | None = None
+        self.outbox: Store | None = None
         self.admin: AdminServer | None = None
         self.started = asyncio.Event()  # set once every drive and webhook has its task
         self.started_at = time.time()
@@ -191,8 +190,10 @@ class Supervisor:
                 self._session = await stack.enter_async_context(
                     aiohttp.ClientSession(connector=self.network.connector(limit=0))
                 )
-                outbox = Outbox(
-                    config.state_dir / OUTBOX_FILE,
+                outbox = open_store(
+                    config.store.url,
+                    config.state_dir,
+                    recover=True,
                     router=self,
                     disk_reserve=config.outbox.disk_reserve,
                 )
@@ -227,7 +228,7 @@ class Supervisor:
                 version=__version__,
                 config=str(self.config_path) if self.config_path else None,
                 state_dir=str(config.state_dir),
-                store=f"sqlite {config.state_dir / OUTBOX_FILE}",
+                store=f"{self.outbox.kind} {self.outbox.describe()}" if self.outbox else None,
                 admin=f"http://{config.admin.listen}" if config.admin.enabled else "off",
                 drives=len(self.watchers),
                 webhooks=len(self.dispatchers),

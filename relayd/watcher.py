@@ -50,7 +50,7 @@ from relayd.graph import (
 )
 from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
-from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.store import NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
@@ -361,7 +361,7 @@ class DriveWatcher:
         *,
         graph: GraphClient,
         tokens: TokenProvider,
-        outbox: Outbox,
+        outbox: Store,
         socket_session: aiohttp.ClientSession | None = None,
         socket_options: Callable[[str], Mapping[str, Any]] | None = None,
         gate: ConnectGate,

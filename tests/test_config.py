@@ -548,7 +548,7 @@ def test_environment_substitution() -> None:
 def test_keys_are_not_substituted() -> None:
     assert problems('"${UNSET}": 1\n') == [
         'config.yaml:1: ["${UNSET}"]: unknown key; expected one of: accounts, admin, drives,'
-        " graph, log, outbox, shutdown_grace, state_dir, tls, webhooks"
+        " graph, log, outbox, shutdown_grace, state_dir, store, tls, webhooks"
     ]
 
 

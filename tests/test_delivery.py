@@ -25,20 +25,20 @@ from support.delivery_helpers import (
 )
 from support.waiting import eventually, wait_until
 
-import relayd.outbox
+import relayd.store.sqlite
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse
-from relayd.outbox import Filter, NewDelivery, Outbox, State
+from relayd.store import Filter, NewDelivery, SqliteStore, State, Store
 
 
-async def relay_ready(relay: Relay, emulator: GraphEmulator) -> Outbox:
+async def relay_ready(relay: Relay, emulator: GraphEmulator) -> Store:
     """Wait until the relay listens to the drive; return its outbox."""
     await wait_until(lambda: emulator.connected("me") == 1, what="relay connected")
     assert relay.supervisor.outbox is not None
     return relay.supervisor.outbox
 
 
-async def settle(outbox: Outbox, webhook: str, state: State, expected: int) -> None:
+async def settle(outbox: Store, webhook: str, state: State, expected: int) -> None:
     async def reached() -> bool:
         return await count(outbox, webhook, state) == expected
 
@@ -146,7 +146,7 @@ async def test_a_store_that_cannot_hand_out_rows_delays_delivery_without_ending_
     start_relay: StartRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(relayd.outbox, "LOCK_WAIT_MS", 100)  # give up on a held lock quickly
+    monkeypatch.setattr(relayd.store.sqlite, "LOCK_WAIT_MS", 100)  # give up on a held lock quickly
     receiver.set_default("hook", ScriptedResponse(503))
     relay = await start_relay()
     outbox = await relay_ready(relay, emulator)
@@ -419,7 +419,7 @@ async def write_rows_ahead(path: Path, seconds: float, *message_ids: str) -> Non
     """Rows as a relay whose clock ran `seconds` ahead wrote them: created, retry_from and
     next_attempt all that far in the future (the clock has since been corrected)."""
     ahead = time.time() + seconds
-    async with Outbox(path) as store:
+    async with SqliteStore(path) as store:
         await store.add(
             [
                 NewDelivery(m, "hook", "d1", b'{"type":"drive.notification"}', ahead)
@@ -526,7 +526,7 @@ async def test_a_reload_that_removes_a_webhook_with_rows_waiting_warns_and_keeps
 async def test_at_start_rows_of_an_unknown_webhook_are_reported(
     tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
-    async with Outbox(tmp_path / "state" / "outbox.sqlite3") as store:
+    async with SqliteStore(tmp_path / "state" / "outbox.sqlite3") as store:
         body = b'{"type":"drive.notification"}'
         await store.add(
             [NewDelivery(f"msg_{n}", "renamed", "d1", body, time.time()) for n in (1, 2)]

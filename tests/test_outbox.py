@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 from support.waiting import wait_until
 
-from relayd.outbox import (
-    LOCK_WAIT_MS,
+from relayd.store import (
     AttemptResult,
     Delivery,
     Filter,
     NewDelivery,
-    Outbox,
     OutboxError,
+    SqliteStore,
     State,
 )
+from relayd.store.sqlite import LOCK_WAIT_MS
 
 T0 = 1_800_000_000.0  # "now" for the fake clock: a fixed Unix time
 
@@ -72,15 +72,15 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def outbox(path: Path, clock: Clock) -> AsyncIterator[Outbox]:
-    async with Outbox(path, clock=clock) as store:
+async def outbox(path: Path, clock: Clock) -> AsyncIterator[SqliteStore]:
+    async with SqliteStore(path, clock=clock) as store:
         yield store
 
 
 # -- writing ------------------------------------------------------------------------------------
 
 
-async def test_added_rows_are_on_disk_when_add_returns(outbox: Outbox, path: Path) -> None:
+async def test_added_rows_are_on_disk_when_add_returns(outbox: SqliteStore, path: Path) -> None:
     await outbox.add([new(1), new(2, webhook="other")])
 
     rows = on_disk(
@@ -93,7 +93,7 @@ async def test_added_rows_are_on_disk_when_add_returns(outbox: Outbox, path: Pat
     ]
 
 
-async def test_concurrent_adds_share_commits(outbox: Outbox, path: Path) -> None:
+async def test_concurrent_adds_share_commits(outbox: SqliteStore, path: Path) -> None:
     await outbox.add([new(0)])
     before = outbox.commits
     await outbox.add([new(1)])
@@ -108,7 +108,7 @@ async def test_concurrent_adds_share_commits(outbox: Outbox, path: Path) -> None
 
 
 async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
-    outbox: Outbox, path: Path
+    outbox: SqliteStore, path: Path
 ) -> None:
     broken = NewDelivery(message_id="bad", webhook=None, drive="d1", body=b"{}", created=T0)  # type: ignore[arg-type]
     before = outbox.commits
@@ -130,7 +130,7 @@ async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
 
 
 async def test_a_failed_fsync_fails_the_write_naming_the_file_and_the_next_one_works(
-    outbox: Outbox, path: Path, monkeypatch: pytest.MonkeyPatch
+    outbox: SqliteStore, path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A disk error cannot be made to happen here: os.fsync is what reports one.
     real_fsync = os.fsync
@@ -152,7 +152,7 @@ async def test_a_failed_fsync_fails_the_write_naming_the_file_and_the_next_one_w
 
 
 async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: Path) -> None:
-    store = Outbox(path)
+    store = SqliteStore(path)
     async with store:
         pass
     await store.close()
@@ -164,7 +164,7 @@ async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: 
 
 
 async def test_a_cli_holding_the_write_lock_delays_a_claim_without_blocking_the_loop(
-    outbox: Outbox, path: Path
+    outbox: SqliteStore, path: Path
 ) -> None:
     await outbox.add([new(1)])
     cli = sqlite3.connect(path, isolation_level=None)
@@ -185,7 +185,7 @@ async def test_a_cli_holding_the_write_lock_delays_a_claim_without_blocking_the_
 
 
 async def test_the_wal_is_copied_back_as_rows_change_so_it_stops_growing(
-    outbox: Outbox, path: Path
+    outbox: SqliteStore, path: Path
 ) -> None:
     wal = path.with_name(path.name + "-wal")
     body = b"x" * 1024
@@ -209,7 +209,7 @@ async def test_a_wal_file_that_once_grew_large_does_not_make_every_commit_checkp
     """The WAL file keeps its size while SQLite writes it over from the start: checkpoints
     follow what was written since the last one, not the file's size (a checkpoint per commit
     cost a fifth of the relay's throughput)."""
-    async with Outbox(path, disk_reserve=256 << 10) as outbox:  # checkpoints at 128 KiB of WAL
+    async with SqliteStore(path, disk_reserve=256 << 10) as outbox:  # checkpoints at 128 KiB of WAL
         big = b"x" * 8192
         await outbox.add([NewDelivery(f"big_{n}", "hook", "d1", big, T0) for n in range(40)])
         assert path.with_name(path.name + "-wal").stat().st_size >= 128 << 10
@@ -220,7 +220,7 @@ async def test_a_wal_file_that_once_grew_large_does_not_make_every_commit_checkp
 
 
 async def test_a_store_indexed_by_an_older_relayd_is_upgraded_in_place(path: Path) -> None:
-    async with Outbox(path) as older:
+    async with SqliteStore(path) as older:
         await older.add([new(1)])
     connection = sqlite3.connect(path)
     connection.execute("DROP INDEX deliveries_done")
@@ -228,7 +228,7 @@ async def test_a_store_indexed_by_an_older_relayd_is_upgraded_in_place(path: Pat
     connection.commit()
     connection.close()
 
-    async with Outbox(path) as store:
+    async with SqliteStore(path) as store:
         assert (await store.summary()).counts == {("hook", State.PENDING): 1}
     indexes = on_disk(
         path, "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'deliveries%'"
@@ -240,7 +240,7 @@ async def test_a_store_indexed_by_an_older_relayd_is_upgraded_in_place(path: Pat
 
 
 async def test_claim_marks_rows_in_flight_and_never_hands_a_row_out_twice(
-    outbox: Outbox, path: Path
+    outbox: SqliteStore, path: Path
 ) -> None:
     await outbox.add([new(n) for n in range(20)] + [new(99, webhook="other")])
 
@@ -262,7 +262,7 @@ async def test_claim_marks_rows_in_flight_and_never_hands_a_row_out_twice(
 
 
 async def test_claim_reads_the_store_in_batches_of_at_most_limit(
-    outbox: Outbox, clock: Clock
+    outbox: SqliteStore, clock: Clock
 ) -> None:
     await outbox.add([new(n, created=T0 - 10_000 + n) for n in range(10_000)])
 
@@ -276,7 +276,7 @@ async def test_claim_reads_the_store_in_batches_of_at_most_limit(
 
 
 async def test_ordered_claim_gives_only_the_oldest_and_nothing_while_it_is_in_flight(
-    outbox: Outbox, clock: Clock
+    outbox: SqliteStore, clock: Clock
 ) -> None:
     await outbox.add([new(n) for n in range(3)])
 
@@ -298,7 +298,7 @@ async def test_ordered_claim_gives_only_the_oldest_and_nothing_while_it_is_in_fl
 
 
 async def test_next_due_of_an_ordered_queue_is_when_its_head_can_go(
-    outbox: Outbox, clock: Clock
+    outbox: SqliteStore, clock: Clock
 ) -> None:
     """A dispatcher sleeps until next_due: for an ordered webhook that must be the head's retry
     time, not that of the rows queued behind it (due long ago, but not claimable)."""
@@ -314,7 +314,7 @@ async def test_next_due_of_an_ordered_queue_is_when_its_head_can_go(
     assert await outbox.next_due("nobody", ordered=True) is None
 
 
-async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Outbox) -> None:
+async def test_attempt_results_arriving_one_by_one_share_commits(outbox: SqliteStore) -> None:
     await outbox.add([new(n) for n in range(10)])
     claimed = await outbox.claim("hook", 10)
     before = outbox.commits
@@ -329,7 +329,7 @@ async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Outbox)
     assert (await outbox.summary()).counts == {("hook", State.DELIVERED): 10}
 
 
-async def test_a_claim_commits_the_results_waiting_before_it(outbox: Outbox) -> None:
+async def test_a_claim_commits_the_results_waiting_before_it(outbox: SqliteStore) -> None:
     await outbox.add([new(1), new(2)])
     [head] = await outbox.claim("hook", 10, ordered=True)
     # Tasks start in the order they were created: the result is queued first, waiting for
@@ -341,7 +341,7 @@ async def test_a_claim_commits_the_results_waiting_before_it(outbox: Outbox) -> 
 
 
 async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
-    outbox: Outbox, path: Path, clock: Clock
+    outbox: SqliteStore, path: Path, clock: Clock
 ) -> None:
     await outbox.add([new(n) for n in range(3)])
     delivered, dead, retry = await outbox.claim("hook", 3)
@@ -379,13 +379,13 @@ async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
 async def test_rows_left_in_flight_by_a_crashed_run_come_back_on_the_next_start(
     path: Path, clock: Clock
 ) -> None:
-    async with Outbox(path, clock=clock) as first:
+    async with SqliteStore(path, clock=clock) as first:
         await first.add([new(n) for n in range(3)])
         claimed = await first.claim("hook", 2)
         # The run ends without an outcome for its two attempts (killed mid-POST).
     assert len(claimed) == 2
 
-    async with Outbox(path, clock=clock) as second:
+    async with SqliteStore(path, clock=clock) as second:
         summary = await second.summary()
         assert summary.counts == {("hook", State.PENDING): 3}
         assert {row.id for row in await second.claim("hook", 10)} == {1, 2, 3}
@@ -394,11 +394,11 @@ async def test_rows_left_in_flight_by_a_crashed_run_come_back_on_the_next_start(
 async def test_a_cli_opening_the_store_beside_the_daemon_leaves_its_rows_in_flight(
     path: Path, clock: Clock
 ) -> None:
-    async with Outbox(path, clock=clock) as daemon:
+    async with SqliteStore(path, clock=clock) as daemon:
         await daemon.add([new(n) for n in range(3)])
         await daemon.claim("hook", 2)
 
-        async with Outbox(path, recover=False, clock=clock) as cli:
+        async with SqliteStore(path, recover=False, clock=clock) as cli:
             assert (await cli.summary()).counts == {
                 ("hook", State.INFLIGHT): 2,
                 ("hook", State.PENDING): 1,
@@ -411,7 +411,7 @@ async def test_a_cli_opening_the_store_beside_the_daemon_leaves_its_rows_in_flig
 # -- inspection and repair ----------------------------------------------------------------------
 
 
-async def dead_letters(outbox: Outbox, rows: list[NewDelivery]) -> None:
+async def dead_letters(outbox: SqliteStore, rows: list[NewDelivery]) -> None:
     await outbox.add(rows)
     for webhook in {row.webhook for row in rows}:
         claimed = await outbox.claim(webhook, len(rows))
@@ -421,7 +421,7 @@ async def dead_letters(outbox: Outbox, rows: list[NewDelivery]) -> None:
 
 
 async def test_replay_puts_the_selected_dead_rows_back_in_the_queue(
-    outbox: Outbox, clock: Clock
+    outbox: SqliteStore, clock: Clock
 ) -> None:
     hour = 3600.0
     await dead_letters(
@@ -458,7 +458,7 @@ async def test_replay_puts_the_selected_dead_rows_back_in_the_queue(
     }
 
 
-async def test_purge_deletes_only_finished_rows(outbox: Outbox) -> None:
+async def test_purge_deletes_only_finished_rows(outbox: SqliteStore) -> None:
     await dead_letters(outbox, [new(1), new(2, webhook="other")])
     await outbox.add([new(n) for n in range(3, 6)])
     delivered, in_flight = await outbox.claim("hook", 2)
@@ -477,7 +477,7 @@ async def test_purge_deletes_only_finished_rows(outbox: Outbox) -> None:
 
 
 async def test_prune_forgets_delivered_rows_finished_before_the_cutoff(
-    outbox: Outbox, path: Path
+    outbox: SqliteStore, path: Path
 ) -> None:
     await outbox.add([new(n) for n in range(4)])
     old, recent, dead, waiting = await outbox.claim("hook", 4)
@@ -499,7 +499,7 @@ async def test_prune_forgets_delivered_rows_finished_before_the_cutoff(
 
 
 async def test_summary_counts_per_webhook_and_state_with_the_oldest_waiting(
-    outbox: Outbox,
+    outbox: SqliteStore,
 ) -> None:
     await dead_letters(outbox, [new(1, webhook="a", created=T0 - 500)])
     await outbox.add(
@@ -548,7 +548,7 @@ async def test_a_corrupt_file_is_refused_at_open_naming_it(path: Path) -> None:
     threads = len(outbox_threads())
 
     with pytest.raises(OutboxError, match="not a usable SQLite outbox") as raised:
-        async with Outbox(path):
+        async with SqliteStore(path):
             pass
 
     assert str(path) in str(raised.value)
@@ -560,7 +560,7 @@ async def test_an_unwritable_location_is_refused_at_open(tmp_path: Path) -> None
     path = tmp_path / "state" / "outbox.sqlite3"
 
     with pytest.raises(OutboxError, match="cannot open the outbox") as raised:
-        async with Outbox(path):
+        async with SqliteStore(path):
             pass
 
     assert str(path) in str(raised.value)
@@ -576,7 +576,7 @@ async def test_a_store_from_a_newer_relayd_is_refused_and_left_untouched(path: P
     before = path.read_bytes()
 
     with pytest.raises(OutboxError, match="newer relayd") as raised:
-        async with Outbox(path):
+        async with SqliteStore(path):
             pass
 
     assert str(path) in str(raised.value)
@@ -615,7 +615,7 @@ async def test_rows_committed_after_their_writer_stopped_waiting_still_reach_the
     all the same, and its rows, inserted in flight for the dispatcher that reserved them, must
     reach it rather than stay in flight for nobody until the next start."""
     dispatcher = _Dispatcher()
-    async with Outbox(path, router=_Router(dispatcher)) as outbox:
+    async with SqliteStore(path, router=_Router(dispatcher)) as outbox:
         cli = sqlite3.connect(path, isolation_level=None)
         try:
             cli.execute("BEGIN IMMEDIATE")
@@ -638,13 +638,13 @@ async def test_rows_committed_after_their_writer_stopped_waiting_still_reach_the
 
 
 async def test_a_drive_id_belongs_to_its_resource_and_a_cursor_to_its_drive_id(
-    outbox: Outbox, path: Path
+    outbox: SqliteStore, path: Path
 ) -> None:
     await outbox.save_drive_id("d1", "me", "b!one")
     await outbox.save_drive_state("d1", "me", "https://graph/drives/b!one/root/delta?token=1")
     # Same resource: both kept, across a reopen.
     assert await outbox.drive_id("d1") == ("me", "b!one")
-    async with Outbox(path, recover=False) as again:
+    async with SqliteStore(path, recover=False) as again:
         assert await again.drive_id("d1") == ("me", "b!one")
         assert await again.drive_state("d1") == (
             "me",
