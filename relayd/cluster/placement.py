@@ -11,8 +11,17 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from relayd.cluster.ring import place
+from relayd.store.base import Fence  # re-exported: what a held resource is written under
 
-__all__ = ["Plan", "drive_resource", "plan", "safe_until", "webhook_resource"]
+__all__ = [
+    "Fence",
+    "Plan",
+    "drive_resource",
+    "margin_for",
+    "plan",
+    "safe_until",
+    "webhook_resource",
+]
 
 
 def drive_resource(name: str) -> str:
