@@ -955,6 +955,23 @@ class Config(_Model):
         return _resolve_path(value, info)
 
     @model_validator(mode="after")
+    def _check_cluster_store(self) -> Self:
+        # Replicas share drives, leases and the outbox through PostgreSQL; on SQLite each
+        # replica would watch every drive and deliver from a file of its own.
+        if self.cluster is not None and self.store.url is None:
+            raise _Invalids(
+                [
+                    _Invalid(
+                        "a cluster needs the PostgreSQL store: set store.url "
+                        "(postgresql://...), or remove the cluster section to run one relayd "
+                        "on SQLite",
+                        at=("cluster",),
+                    )
+                ]
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_references(self, info: ValidationInfo) -> Self:
         # parse_config checks the raw data instead (so these problems are reported together
         # with all others); this covers configurations built in code.
