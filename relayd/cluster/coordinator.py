@@ -160,13 +160,27 @@ class Coordinator:
             return self._conn
         self._conn = None
         try:
-            conn = await asyncpg.connect(self.url, timeout=self.timeout)
+            conn = await asyncpg.connect(
+                self.url, timeout=self.timeout, server_settings=self._session_settings()
+            )
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             raise CoordinatorError(f"cannot connect to PostgreSQL: {_describe(exc)}") from None
         if self.on_change is not None:
             await conn.add_listener(CHANNEL, self._notified)
         self._conn = conn
         return conn
+
+    def _session_settings(self) -> dict[str, str]:
+        """A replica cut off mid-transaction must not keep its row locks: the server ends
+        such a session after `idle_in_transaction` (the renewal's rows and any lease it was
+        taking would otherwise block every other replica until TCP gives up, minutes later).
+        Waiting for a lock is bounded too: a busy lease is tried again at the next round."""
+        idle = max(1.0, self.lease / 6)
+        return {
+            "application_name": f"relayd-cluster {self.replica}"[:63],
+            "idle_in_transaction_session_timeout": str(int(idle * 1000)),
+            "lock_timeout": str(int(idle * 1000)),
+        }
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         if payload != self.replica and self.on_change is not None:
@@ -242,7 +256,10 @@ class Coordinator:
         sent = self.clock()
 
         async def work(conn: asyncpg.Connection) -> Any:
-            return await conn.fetchval(_ACQUIRE, resource, self.replica, self.lease)
+            try:
+                return await conn.fetchval(_ACQUIRE, resource, self.replica, self.lease)
+            except asyncpg.LockNotAvailableError:
+                return None  # its holder is writing (or cut off mid-renewal): next round
 
         epoch = await self._run(timeout, work)
         return None if epoch is None else (Fence(resource, self.replica, int(epoch)), sent)

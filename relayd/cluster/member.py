@@ -142,6 +142,8 @@ class ClusterMember:
             with contextlib.suppress(CoordinatorError):  # else they expire by themselves
                 await self.coordinator.release(leases, timeout=self._budget())
         for resource in decided.take:
+            if self._time_left() < self.interval:
+                break  # renewing what is held comes first: the next round takes the rest
             try:
                 taken = await self.coordinator.acquire(resource, timeout=self._budget())
             except CoordinatorError as exc:
@@ -174,6 +176,11 @@ class ClusterMember:
             for resource in fenced:
                 del self.held[resource]
             await self.holder.drop(fenced)
+
+    def _time_left(self) -> float:
+        """Until the earliest held lease's safe moment (infinite when nothing is held)."""
+        earliest = min((lease.safe_until for lease in self.held.values()), default=None)
+        return float("inf") if earliest is None else earliest - self.clock()
 
     def _budget(self) -> float:
         """How long a statement may take: never past the earliest lease's safe moment, so
