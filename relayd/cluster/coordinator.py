@@ -77,7 +77,8 @@ WHERE holder = $1 AND expires > clock_timestamp()
 RETURNING resource, epoch
 """
 _LIVE = """
-SELECT name FROM replicas WHERE expires > clock_timestamp() ORDER BY name
+SELECT name, extract(epoch FROM expires - clock_timestamp())::float8 AS remaining
+FROM replicas WHERE expires > clock_timestamp() ORDER BY name
 """
 _FORGET = """
 DELETE FROM replicas WHERE expires < clock_timestamp() - $1 * interval '1 second'
@@ -137,6 +138,9 @@ class Heartbeat:
     live: tuple[str, ...]
     renewed: frozenset[Fence]
     sent: float
+    # Seconds until the first other live replica's row expires, as the database saw it (None:
+    # no other): a replica that died is dropped from the ring at that moment, not a round later.
+    next_expiry: float | None = None
 
 
 @dataclass
@@ -242,7 +246,13 @@ class Coordinator:
             renewed = frozenset(
                 Fence(row["resource"], self.replica, int(row["epoch"])) for row in rows
             )
-            return Heartbeat(tuple(row["name"] for row in live), renewed, sent)
+            others = [float(row["remaining"]) for row in live if row["name"] != self.replica]
+            return Heartbeat(
+                tuple(row["name"] for row in live),
+                renewed,
+                sent,
+                min(others) if others else None,
+            )
 
         result: Heartbeat = await self._run(timeout, work)
         self._first_beat = False

@@ -69,6 +69,7 @@ class ClusterMember:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _fenced: set[str] = field(default_factory=set)
     _failing_since: float | None = None
+    _recheck_at: float | None = None  # monotonic: when another replica's row runs out
 
     @property
     def replica(self) -> str:
@@ -121,6 +122,8 @@ class ClusterMember:
         self._renewed()
         self.last_beat = beat.sent
         self.live = beat.live
+        # Just after it: a live replica renews well before, a dead one's drives are free then.
+        self._recheck_at = None if beat.next_expiry is None else beat.sent + beat.next_expiry + 0.05
         lost = [r for r, lease in self.held.items() if lease.fence not in beat.renewed]
         if lost:
             log.warning("leases lost to another replica; stopping their drives", resources=lost)
@@ -208,6 +211,8 @@ class ClusterMember:
     async def _sleep_until(self, moment: float) -> None:
         """Until the next round, a wake-up, or the earliest lease's safe moment."""
         earliest = min((lease.safe_until for lease in self.held.values()), default=moment)
+        if self._recheck_at is not None:
+            earliest = min(earliest, self._recheck_at)
         delay = min(moment, earliest) - self.clock()
         if delay > 0:
             with contextlib.suppress(TimeoutError):
