@@ -85,4 +85,6 @@ def open_store(
             clock=clock,
             disk_reserve=disk_reserve,
         )
-    raise OutboxError("store.url: the PostgreSQL store is not available yet")
+    from relayd.store.postgres import PostgresStore  # asyncpg is loaded only when used
+
+    return PostgresStore(url, recover=recover, router=router, replica=replica, clock=clock)

@@ -204,6 +204,44 @@ class Router(Protocol):
         ...
 
 
+@dataclass
+class InsertPlan:
+    """New rows split into those handed straight to a dispatcher and those left waiting."""
+
+    claimed: list[tuple[Reservation, list[NewDelivery]]]
+    waiting: list[NewDelivery]
+
+    @classmethod
+    def plan(cls, deliveries: Sequence[NewDelivery], router: Router | None) -> InsertPlan:
+        by_webhook: dict[str, list[NewDelivery]] = {}
+        for delivery in deliveries:
+            by_webhook.setdefault(delivery.webhook, []).append(delivery)
+        claimed: list[tuple[Reservation, list[NewDelivery]]] = []
+        waiting: list[NewDelivery] = []
+        for webhook, rows in by_webhook.items():
+            reservation = router.reserve(webhook, len(rows)) if router is not None else None
+            taken = 0 if reservation is None else max(0, min(reservation.count, len(rows)))
+            if reservation is not None:
+                claimed.append((reservation, rows[:taken]))
+            waiting += rows[taken:]
+        return cls(claimed, waiting)
+
+    def announce(
+        self, router: Router | None, handed: list[list[Delivery]] | None
+    ) -> list[Delivery]:
+        """After the commit (handed) or its failure (None): tell the dispatchers. Returns the
+        rows a stopped dispatcher refused: committed in flight, and nobody's until put back."""
+        refused: list[Delivery] = []
+        for index, (reservation, _) in enumerate(self.claimed):
+            rows = handed[index] if handed is not None else []
+            if not reservation.hand_over(rows):
+                refused += rows
+        if router is not None and handed is not None:
+            for webhook in {d.webhook for d in self.waiting}:
+                router.wake(webhook)
+        return refused
+
+
 class Store(Protocol):
     """What callers need from a store, whichever backend it is.
 

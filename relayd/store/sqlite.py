@@ -28,7 +28,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NamedTuple, Self, TypeVar
@@ -44,10 +44,10 @@ from relayd.store.base import (
     Delivery,
     Fence,
     Filter,
+    InsertPlan,
     NewDelivery,
     OutboxError,
     OutboxFull,
-    Reservation,
     Router,
     State,
     StoreKind,
@@ -204,62 +204,23 @@ class _Queued(NamedTuple):
     after: Callable[[bool, Any], None] | None = None
 
 
-@dataclass
-class _Insert:
-    """New rows split into those handed straight to a dispatcher and those left waiting."""
-
-    claimed: list[tuple[Reservation, list[NewDelivery]]]
-    waiting: list[NewDelivery]
-
-    @classmethod
-    def plan(cls, deliveries: Sequence[NewDelivery], router: Router | None) -> _Insert:
-        by_webhook: dict[str, list[NewDelivery]] = {}
-        for delivery in deliveries:
-            by_webhook.setdefault(delivery.webhook, []).append(delivery)
-        claimed: list[tuple[Reservation, list[NewDelivery]]] = []
-        waiting: list[NewDelivery] = []
-        for webhook, rows in by_webhook.items():
-            reservation = router.reserve(webhook, len(rows)) if router is not None else None
-            taken = 0 if reservation is None else max(0, min(reservation.count, len(rows)))
-            if reservation is not None:
-                claimed.append((reservation, rows[:taken]))
-            waiting += rows[taken:]
-        return cls(claimed, waiting)
-
-    def run(self, connection: sqlite3.Connection) -> list[list[Delivery]]:
-        """Insert the rows; return the claimed ones as deliveries (they need their ids), one
-        list per reservation."""
-        if self.waiting:
-            connection.executemany(_INSERT, [_values(d, State.PENDING) for d in self.waiting])
-        handed: list[list[Delivery]] = []
-        for _, rows in self.claimed:
-            deliveries: list[Delivery] = []
-            for d in rows:
-                (row_id,) = connection.execute(
-                    _INSERT + " RETURNING id", _values(d, State.INFLIGHT)
-                ).fetchone()
-                deliveries.append(
-                    Delivery(
-                        row_id, d.message_id, d.webhook, d.drive, d.body, d.created, d.created, 0
-                    )
-                )
-            handed.append(deliveries)
-        return handed
-
-    def announce(
-        self, router: Router | None, handed: list[list[Delivery]] | None
-    ) -> list[Delivery]:
-        """After the commit (handed) or its failure (None): tell the dispatchers. Returns the
-        rows a stopped dispatcher refused: committed in flight, and nobody's until put back."""
-        refused: list[Delivery] = []
-        for index, (reservation, _) in enumerate(self.claimed):
-            rows = handed[index] if handed is not None else []
-            if not reservation.hand_over(rows):
-                refused += rows
-        if router is not None and handed is not None:
-            for webhook in {d.webhook for d in self.waiting}:
-                router.wake(webhook)
-        return refused
+def _run_insert(plan: InsertPlan, connection: sqlite3.Connection) -> list[list[Delivery]]:
+    """Insert the rows; return the claimed ones as deliveries (they need their ids), one
+    list per reservation."""
+    if plan.waiting:
+        connection.executemany(_INSERT, [_values(d, State.PENDING) for d in plan.waiting])
+    handed: list[list[Delivery]] = []
+    for _, rows in plan.claimed:
+        deliveries: list[Delivery] = []
+        for d in rows:
+            (row_id,) = connection.execute(
+                _INSERT + " RETURNING id", _values(d, State.INFLIGHT)
+            ).fetchone()
+            deliveries.append(
+                Delivery(row_id, d.message_id, d.webhook, d.drive, d.body, d.created, d.created, 0)
+            )
+        handed.append(deliveries)
+    return handed
 
 
 def _back_to_pending(ids: Iterable[int]) -> Operation:
@@ -810,10 +771,10 @@ class SqliteStore:
                 f"{self.path}: the disk is full; new notifications wait until there is room",
                 disk_full=True,
             )
-        plan = _Insert.plan(deliveries, self._router)
+        plan = InsertPlan.plan(deliveries, self._router)
 
         def insert(connection: sqlite3.Connection) -> list[list[Delivery]]:
-            handed = plan.run(connection)
+            handed = _run_insert(plan, connection)
             if also is not None:
                 also(connection)
             return handed
