@@ -204,6 +204,8 @@ class Supervisor:
                     recover=True,
                     router=self,
                     disk_reserve=config.outbox.disk_reserve,
+                    # In a cluster the rows it claims are marked with the replica's name.
+                    replica=None if config.cluster is None else config.cluster.replica,
                 )
                 try:
                     self.outbox = await stack.enter_async_context(outbox)

@@ -159,17 +159,20 @@ class ClusterMember:
             await self.holder.take(fence)
 
     async def _stop_expired(self) -> None:
-        """The guard: drives whose lease may run out before we could renew it stop now."""
+        """The guard: once one lease may run out before we could renew it, everything held
+        stops now. One renewal covers every lease, so the others cannot be renewed either, and
+        stopping them together means the stop (which may wait for writes that cannot happen)
+        never delays the guard of a lease acquired a little later."""
         now = self.clock()
-        expiring = [r for r, lease in self.held.items() if lease.safe_until <= now]
-        if not expiring:
+        if not any(lease.safe_until <= now for lease in self.held.values()):
             return
+        expiring = sorted(self.held)
         log.error(
             "cannot renew leases in time; stopping their drives before the leases run out",
-            drives=len(expiring),
+            drives=sum(1 for r in expiring if r.startswith("drive:")),
+            leases=len(expiring),
         )
-        for resource in expiring:
-            del self.held[resource]
+        self.held.clear()
         await self.holder.drop(expiring)
 
     async def _forget_fenced(self) -> None:
