@@ -43,12 +43,14 @@ class Replicas:
         receiver: WebhookReceiver,
         url: str,
         drive_list: list[dict[str, Any]],
+        webhooks: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         self.root = root
         self.emulator = emulator
         self.receiver = receiver
         self.url = url
         self.drives = drive_list
+        self.webhooks = webhooks
         self.daemons: dict[str, Daemon] = {}
 
     def resources(self) -> list[str]:
@@ -65,6 +67,7 @@ class Replicas:
             state_dir=folder / "state",
             admin_port=port,
             drives=self.drives,
+            webhooks=self.webhooks,
             store={"url": url or self.url},
             cluster={"replica": name, "lease": f"{LEASE}s"},
         )

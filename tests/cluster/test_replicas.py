@@ -10,21 +10,19 @@ before its lease ends and never writes after another replica took its drives.
 from __future__ import annotations
 
 import signal
-import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from replicas import LEASE, Replicas, drives
+from support.configs import FAST_RETRY
 from support.postgres import PostgresServer
 from support.proxy import FreezableProxy
 from support.waiting import eventually, wait_until
 
 from relayd.cluster.ring import place
 from relayd.emulator import GraphEmulator, WebhookReceiver
-
-sys.path.insert(0, str(Path(__file__).parent))
-from replicas import LEASE, Replicas, drives
 
 
 @pytest.fixture
@@ -154,3 +152,84 @@ async def test_a_replica_cut_off_from_postgres_stops_before_its_lease_ends_and_n
                 seq = data["notification"].get("relaydEmulatorSeq")
                 assert seq != emitted[data["drive"]], f"c wrote {data['drive']} after take-over"
         assert cluster.peak() == 1
+
+
+@pytest.mark.timeout(90)
+async def test_sigterm_hands_the_drives_over_at_once_and_the_password_is_never_shown(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, postgres_url: str
+) -> None:
+    # The test server trusts loopback, so any password works: this one must never be shown.
+    secret = "hunter2-db-secret"
+    url = postgres_url.replace("postgresql://relayd@", f"postgresql://relayd:{secret}@")
+    cluster = Replicas(tmp_path, emulator, receiver, url, drives(30))
+    try:
+        await cluster.start_all("ab")
+        await eventually(lambda: placed(cluster, "ab"), timeout=30, what="two placed")
+        _, status_text = await cluster.daemons["b"].get("/status")
+        started = time.monotonic()
+        cluster.daemons["b"].signal(signal.SIGTERM)
+        assert await cluster.daemons["b"].wait() == 0
+        await eventually(lambda: placed(cluster, "a"), timeout=LEASE, what="hand-over")
+        # Released at the stop, not expired: well within one lease.
+        assert time.monotonic() - started < LEASE
+        assert cluster.peak() == 1
+        _, a_status = await cluster.daemons["a"].get("/status")
+        for text in (status_text, a_status, *(d.log.read_text() for d in cluster.daemons.values())):
+            assert secret not in text
+            assert "joining the cluster" not in text or "relayd@127.0.0.1" in text
+    finally:
+        await cluster.close()
+
+
+@pytest.mark.timeout(90)
+async def test_an_ordered_webhook_is_delivered_by_one_replica_at_a_time_in_order(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, postgres_url: str
+) -> None:
+    hooks = {"hook": {"url": receiver.url("hook"), "ordered": True, "retry": FAST_RETRY}}
+    cluster = Replicas(tmp_path, emulator, receiver, postgres_url, drives(4), webhooks=hooks)
+    try:
+        await cluster.start_all("ab")
+
+        async def runs_hook() -> set[str]:
+            return {
+                name
+                for name, daemon in cluster.daemons.items()
+                if daemon.process is not None
+                and daemon.process.returncode is None
+                and "hook" in (await daemon.status()).get("webhooks", {})
+            }
+
+        async def one_runs_it() -> bool:
+            return await placed_n(cluster, "ab", 4) and len(await runs_hook()) == 1
+
+        await eventually(one_runs_it, timeout=30, what="one replica runs the ordered webhook")
+        (holder,) = await runs_hook()
+        # The drive on the other replica: its rows are written there, delivered by the holder.
+        other = next(d for d, owner in (await cluster.held()).items() if owner != holder)
+        await emulator.emit(f"drives/{other}", 20)
+        await receiver.wait_for(20, timeout=15)
+        cluster.daemons[holder].signal(signal.SIGTERM)
+        assert await cluster.daemons[holder].wait() == 0
+        survivor = "b" if holder == "a" else "a"
+        await eventually(
+            lambda: runs_hook_is(runs_hook, {survivor}), timeout=LEASE + 5, what="taken over"
+        )
+        await eventually(lambda: placed_n(cluster, survivor, 4), timeout=LEASE + 5, what="drives")
+        await emulator.emit(f"drives/{other}", 10)
+
+        def seqs() -> list[int]:
+            return [
+                r.json()["data"]["notification"]["relaydEmulatorSeq"]
+                for r in receiver.delivered("hook")
+                if r.json()["type"] == "drive.notification"
+            ]
+
+        # The drives that moved send drive.resync too; the notifications arrive in order.
+        await wait_until(lambda: len(seqs()) >= 30, timeout=15, what="all 30 delivered")
+        assert seqs() == list(range(1, 31))
+    finally:
+        await cluster.close()
+
+
+async def runs_hook_is(runs_hook: Callable[[], Awaitable[set[str]]], expected: set[str]) -> bool:
+    return await runs_hook() == expected
