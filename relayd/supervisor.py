@@ -346,6 +346,8 @@ class Supervisor:
         for key in ("state_dir", "admin", "tls"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("this setting takes effect after a restart", key=key)
+        if new.cluster != self.config.cluster:  # the replica's name and lease are its identity
+            log.warning("this setting takes effect after a restart", key="cluster")
         if new.log != self.config.log:
             logs.configure(new.log.level, new.log.format)
         async with self._placing:
