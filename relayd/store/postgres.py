@@ -189,6 +189,34 @@ def safe_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+async def probe(url: str) -> str:
+    """What `relayd doctor` says of the database: reachable, and at which schema. Changes
+    nothing (no migration). Raises OutboxError, log-safe, when it cannot be used."""
+    location = safe_url(url)
+    password = urllib.parse.urlsplit(url).password
+    try:
+        connection = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT)
+        try:
+            exists = await connection.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+            version = (
+                await connection.fetchval("SELECT max(version) FROM schema_version")
+                if exists
+                else None
+            )
+        finally:
+            await connection.close()
+    except Exception as exc:
+        text = str(exc) or type(exc).__name__
+        raise OutboxError(
+            f"{location}: cannot connect: {text.replace(password, '***') if password else text}"
+        ) from None
+    if version is None:
+        return f"{location} reachable; empty: relayd creates its tables at start"
+    if version > SCHEMA_VERSION:
+        raise OutboxError(f"{location}: written by a newer relayd (schema {version})")
+    return f"{location} reachable, schema {version}"
+
+
 def numbered(sql: str, start: int = 1) -> str:
     """SQLite's `?` placeholders as PostgreSQL's `$1, $2, ...`; pure (no `?` occurs otherwise)."""
     pieces = sql.split("?")

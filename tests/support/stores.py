@@ -48,13 +48,16 @@ class Backend:
         )
 
     async def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Rows of a SELECT (`?` placeholders), read on a connection of the test's own."""
+        """Rows of a SELECT (or an UPDATE's effect), `?` placeholders, on a connection of the
+        test's own."""
         if self.url is None:
             import sqlite3
 
             connection = sqlite3.connect(self.path)
             try:
-                return connection.execute(sql, params).fetchall()
+                rows = connection.execute(sql, params).fetchall()
+                connection.commit()  # an UPDATE a test makes
+                return rows
             finally:
                 connection.close()
         from relayd.store.postgres import numbered
