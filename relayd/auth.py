@@ -246,17 +246,9 @@ class CommandTokenProvider(_CachingProvider):
         return cls(name, account.token_command, timeout=account.token_command_timeout)
 
     async def _fetch(self) -> str:
-        loop = asyncio.get_running_loop()
         output = _CommandOutput()
         try:
-            transport, _ = await loop.subprocess_exec(
-                lambda: output,
-                *self._argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-            )
+            transport = await self._spawn(output)
         except OSError as exc:
             raise AuthError(
                 f"account {self.account!r}: token_command {self._argv[0]!r} cannot run: "
@@ -272,6 +264,35 @@ class CommandTokenProvider(_CachingProvider):
                 _kill_group(pgid)
             transport.close()
         return self._result(output, transport.get_returncode())
+
+    async def _spawn(self, output: _CommandOutput) -> asyncio.SubprocessTransport:
+        """Start the command; a cancellation meanwhile lets the start finish, then kills it.
+
+        asyncio's own handling of a cancelled start kills the command alone and then waits for
+        its pipes to close: a wrapper's child that holds them (`sleep 600 &` in a shell) would
+        hang the cancelled fetch, and so relayd's shutdown, until that child exits. A start
+        takes milliseconds, so it is left to complete and the whole group is killed instead.
+        """
+        loop = asyncio.get_running_loop()
+        spawn = asyncio.ensure_future(
+            loop.subprocess_exec(
+                lambda: output,
+                *self._argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )
+        )
+        try:
+            transport, _ = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # a start that failed left nothing running
+                transport, _ = await spawn
+                _kill_group(transport.get_pid())
+                transport.close()
+            raise
+        return transport
 
     async def _wait(self, output: _CommandOutput, pgid: int) -> None:
         """Wait for the command's exit (bounded by the timeout), then briefly for its pipes."""

@@ -386,6 +386,28 @@ async def test_a_cancelled_fetch_kills_the_command_group(tmp_path: Path, reap: l
     await wait_until(lambda: not alive(shell) and not alive(child), timeout=20, what="group gone")
 
 
+async def test_a_fetch_cancelled_while_the_command_starts_ends_at_once(
+    tmp_path: Path, reap: list[int]
+) -> None:
+    """A shutdown can land while asyncio is still connecting the command's pipes. asyncio then
+    kills the command alone and waits for its pipes, which the wrapper's child holds: the
+    fetch, and relayd's shutdown with it, hung until that child exited (600 s here)."""
+    tokens = CommandTokenProvider("ci", str(hanging_command(tmp_path)), timeout=600.0)
+    fetch = asyncio.create_task(tokens.token())
+    # One turn of the loop, not a wait: the fetch runs up to the start's pipe connection (the
+    # process exists by then, the pipes are connected only on later turns), and is cancelled
+    # exactly there.
+    await asyncio.sleep(0)
+    fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(fetch, 20)
+    for name in ("shell.pid", "child.pid"):
+        pid = read_pid(tmp_path / name)
+        if pid is not None:
+            reap.append(pid)
+            await wait_until(lambda pid=pid: not alive(pid), timeout=20, what=f"{name} gone")
+
+
 @pytest.mark.parametrize(
     ("output", "message"),
     [
