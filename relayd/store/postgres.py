@@ -308,10 +308,7 @@ class PostgresStore:
     # -- life cycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
-        try:
-            self._connection = await self._connect()
-        except OutboxError:
-            raise
+        self._connection = await self._connect()
         try:
             await self._migrate(self._connection)
             if self._recover:
@@ -881,14 +878,15 @@ class PostgresStore:
                     failed,
                 )
 
-        self._held.difference_update(r.id for r in results)
         await self._submit(update, deferrable=True)
+        # Only once recorded: until then the rows are still ours, and their deadline renewed.
+        self._held.difference_update(r.id for r in results)
 
     async def release(self, ids: Iterable[int]) -> None:
         """Put claimed rows back untouched (a shutdown interrupted their attempt)."""
         ids = list(ids)
-        self._held.difference_update(ids)
         await self._submit(_back_to_pending(ids))
+        self._held.difference_update(ids)
 
     async def prune(self, delivered_before: float) -> int:
         """Forget delivered rows that finished before the given time."""

@@ -13,39 +13,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from store_rows import T0, Clock, new, result
 from support.waiting import wait_until
 
-from relayd.store import (
-    AttemptResult,
-    Delivery,
-    NewDelivery,
-    OutboxError,
-    SqliteStore,
-    State,
-)
+from relayd.store import Delivery, Fence, NewDelivery, OutboxError, SqliteStore, State
 from relayd.store.sqlite import LOCK_WAIT_MS
-
-T0 = 1_800_000_000.0  # "now" for the fake clock: a fixed Unix time
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def new(n: int, *, webhook: str = "hook", drive: str = "d1", created: float = T0) -> NewDelivery:
-    return NewDelivery(
-        message_id=f"msg_{webhook}_{drive}_{n}",
-        webhook=webhook,
-        drive=drive,
-        body=b'{"n":%d,"text":"\xc3\xa9"}' % n,
-        created=created,
-    )
 
 
 def on_disk(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
@@ -55,10 +27,6 @@ def on_disk(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
         return connection.execute(sql, params).fetchall()
     finally:
         connection.close()
-
-
-def result(row: Delivery, state: State, **fields: object) -> AttemptResult:
-    return AttemptResult(id=row.id, state=state, attempted_at=T0, **fields)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -287,3 +255,15 @@ async def test_rows_committed_after_their_writer_stopped_waiting_still_reach_the
 
 
 # -- drive state --------------------------------------------------------------------------------
+
+
+async def test_fences_are_accepted_and_ignored_one_process_holds_the_state_dir(
+    outbox: SqliteStore, path: Path
+) -> None:
+    """A watcher passes its drive's fence on every write whichever store it has; SQLite has no
+    leases to check it against (the state_dir lock keeps any second process out)."""
+    stale = Fence("drive:d1", "someone-else", 1)
+    await outbox.add([new(1)], fence=stale)
+    await outbox.save_drive_state("d1", "me", "cursor", [new(2)], fence=stale)
+    assert await outbox.drive_state("d1") == ("me", "cursor")
+    assert on_disk(path, "SELECT COUNT(*) FROM deliveries") == [(2,)]
