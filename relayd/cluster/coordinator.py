@@ -62,26 +62,39 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 """
 
+# The heartbeat is one statement (so one round trip, and never a transaction left open between
+# statements by a replica that stalls): this replica's row, the renewal of its leases by resource
+# and epoch (a lease taken over is never renewed by its old holder), the forgetting of long-dead
+# rows, and the live replicas. Data-modifying CTEs are not seen by the rest of the statement, so
+# the live list is as of just before this heartbeat: this replica may be missing from it (its
+# first beat), which the placement allows for.
 _BEAT = """
-INSERT INTO replicas (name, started, heartbeat, expires, info)
-VALUES ($1, clock_timestamp(), clock_timestamp(), clock_timestamp() + $2 * interval '1 second',
-        $3::jsonb)
-ON CONFLICT (name) DO UPDATE SET
-    started = CASE WHEN $4 THEN EXCLUDED.started ELSE replicas.started END,
-    heartbeat = EXCLUDED.heartbeat, expires = EXCLUDED.expires, info = EXCLUDED.info
-"""
-_RENEW = """
-UPDATE leases SET expires = clock_timestamp() + $2 * interval '1 second'
-WHERE holder = $1 AND expires > clock_timestamp()
-  AND (resource, epoch) IN (SELECT * FROM unnest($3::text[], $4::bigint[]))
-RETURNING resource, epoch
-"""
-_LIVE = """
-SELECT name, extract(epoch FROM expires - clock_timestamp())::float8 AS remaining
-FROM replicas WHERE expires > clock_timestamp() ORDER BY name
-"""
-_FORGET = """
-DELETE FROM replicas WHERE expires < clock_timestamp() - $1 * interval '1 second'
+WITH me AS (
+    INSERT INTO replicas (name, started, heartbeat, expires, info)
+    VALUES ($1, clock_timestamp(), clock_timestamp(),
+            clock_timestamp() + $2 * interval '1 second', $3::jsonb)
+    ON CONFLICT (name) DO UPDATE SET
+        started = CASE WHEN $4 THEN EXCLUDED.started ELSE replicas.started END,
+        heartbeat = EXCLUDED.heartbeat, expires = EXCLUDED.expires, info = EXCLUDED.info
+    RETURNING 1
+), renewed AS (
+    UPDATE leases SET expires = clock_timestamp() + $2 * interval '1 second'
+    WHERE holder = $1 AND expires > clock_timestamp()
+      AND (resource, epoch) IN (SELECT * FROM unnest($5::text[], $6::bigint[]))
+    RETURNING resource, epoch
+), forgotten AS (
+    DELETE FROM replicas
+    WHERE expires < clock_timestamp() - $7 * interval '1 second' AND name <> $1
+    RETURNING 1
+)
+SELECT 'lease' AS kind, resource AS name, epoch, NULL::float8 AS remaining FROM renewed
+UNION ALL
+SELECT 'replica', name, NULL, extract(epoch FROM expires - clock_timestamp())::float8
+FROM replicas WHERE expires > clock_timestamp() AND name <> $1
+UNION ALL
+SELECT 'me', $1, NULL, NULL FROM me
+UNION ALL
+SELECT 'forgotten', NULL, NULL, NULL FROM forgotten
 """
 # Free (released), expired, or never held: take it with the next epoch. A lease this replica
 # name still holds is not taken again: it may be an earlier process of the same name whose
@@ -95,12 +108,31 @@ ON CONFLICT (resource) DO UPDATE SET
 WHERE leases.holder IS NULL OR leases.expires <= clock_timestamp()
 RETURNING epoch
 """
+_ACQUIRE_MANY = """
+INSERT INTO leases (resource, holder, epoch, acquired, expires)
+SELECT resource, $2, 1, clock_timestamp(), clock_timestamp() + $3 * interval '1 second'
+FROM unnest($1::text[]) AS resource
+ON CONFLICT (resource) DO UPDATE SET
+    holder = EXCLUDED.holder, epoch = leases.epoch + 1,
+    acquired = EXCLUDED.acquired, expires = EXCLUDED.expires
+WHERE leases.holder IS NULL OR leases.expires <= clock_timestamp()
+RETURNING resource, epoch
+"""
+# Leases taken per statement: a replica starting with thousands of drives takes them in a few
+# round trips, and a statement held up by one busy row (lock_timeout) delays only its batch.
+ACQUIRE_BATCH = 500
+# Release and leave say so on CHANNEL in the same statement (NOTIFY is sent at its commit).
 _RELEASE = """
-UPDATE leases SET holder = NULL, expires = clock_timestamp()
-WHERE holder = $1 AND (resource, epoch) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))
+WITH released AS (
+    UPDATE leases SET holder = NULL, expires = clock_timestamp()
+    WHERE holder = $1 AND (resource, epoch) IN (SELECT * FROM unnest($2::text[], $3::bigint[]))
+    RETURNING 1
+)
+SELECT pg_notify($4, $1), (SELECT count(*) FROM released)
 """
 _LEAVE = """
-UPDATE replicas SET expires = clock_timestamp() WHERE name = $1
+WITH gone AS (UPDATE replicas SET expires = clock_timestamp() WHERE name = $1 RETURNING 1)
+SELECT pg_notify($2, $1), (SELECT count(*) FROM gone)
 """
 
 
@@ -175,10 +207,11 @@ class Coordinator:
         return conn
 
     def _session_settings(self) -> dict[str, str]:
-        """A replica cut off mid-transaction must not keep its row locks: the server ends
-        such a session after `idle_in_transaction` (the renewal's rows and any lease it was
-        taking would otherwise block every other replica until TCP gives up, minutes later).
-        Waiting for a lock is bounded too: a busy lease is tried again at the next round."""
+        """Every statement of the coordinator is a transaction of its own (one round trip), so
+        a replica cut off never leaves a transaction open with lease rows locked against the
+        others; idle_in_transaction_session_timeout is the safety net should one ever be
+        (otherwise they would wait until TCP gives up, minutes later). Waiting for a lock is
+        bounded too: a busy lease is tried again at the next round."""
         idle = max(1.0, self.lease / 6)
         return {
             "application_name": f"relayd-cluster {self.replica}"[:63],
@@ -230,28 +263,37 @@ class Coordinator:
     # -- heartbeat and leases --------------------------------------------------------------------
 
     async def beat(self, held: Collection[Fence], *, timeout: float | None = None) -> Heartbeat:
-        """Heartbeat, renew every lease in `held` that is still ours, list the live replicas:
-        one transaction, one round trip's worth of statements."""
+        """Heartbeat, renew every lease in `held` that is still ours, list the live replicas
+        (this one among them): one statement."""
         resources = [fence.resource for fence in held]
         epochs = [fence.epoch for fence in held]
         info = json.dumps(dict(self.info))
         sent = self.clock()
 
         async def work(conn: asyncpg.Connection) -> Heartbeat:
-            async with conn.transaction():
-                await conn.execute(_BEAT, self.replica, self.lease, info, self._first_beat)
-                rows = await conn.fetch(_RENEW, self.replica, self.lease, resources, epochs)
-                live = await conn.fetch(_LIVE)
-                await conn.execute(_FORGET, FORGET_AFTER)
-            renewed = frozenset(
-                Fence(row["resource"], self.replica, int(row["epoch"])) for row in rows
+            rows = await conn.fetch(
+                _BEAT,
+                self.replica,
+                self.lease,
+                info,
+                self._first_beat,
+                resources,
+                epochs,
+                FORGET_AFTER,
             )
-            others = [float(row["remaining"]) for row in live if row["name"] != self.replica]
+            renewed = frozenset(
+                Fence(row["name"], self.replica, int(row["epoch"]))
+                for row in rows
+                if row["kind"] == "lease"
+            )
+            others = {
+                row["name"]: float(row["remaining"]) for row in rows if row["kind"] == "replica"
+            }
             return Heartbeat(
-                tuple(row["name"] for row in live),
+                tuple(sorted({*others, self.replica})),
                 renewed,
                 sent,
-                min(others) if others else None,
+                min(others.values()) if others else None,
             )
 
         result: Heartbeat = await self._run(timeout, work)
@@ -274,6 +316,25 @@ class Coordinator:
         epoch = await self._run(timeout, work)
         return None if epoch is None else (Fence(resource, self.replica, int(epoch)), sent)
 
+    async def acquire_many(
+        self, resources: Sequence[str], *, timeout: float | None = None
+    ) -> tuple[list[Fence], float]:
+        """Take every lease in `resources` that is free or expired, in one statement: the
+        Fences taken (the others are held by another replica) and when it was sent. A busy row
+        (its holder writing, or cut off mid-renewal) makes the batch take nothing this time."""
+        sent = self.clock()
+
+        async def work(conn: asyncpg.Connection) -> list[Any]:
+            try:
+                return list(
+                    await conn.fetch(_ACQUIRE_MANY, list(resources), self.replica, self.lease)
+                )
+            except asyncpg.LockNotAvailableError:
+                return []
+
+        rows = await self._run(timeout, work)
+        return [Fence(row["resource"], self.replica, int(row["epoch"])) for row in rows], sent
+
     async def release(self, fences: Collection[Fence], *, timeout: float | None = None) -> None:
         """Give leases up at once (drain-then-take, SIGTERM), and tell the others."""
         if not fences:
@@ -282,9 +343,7 @@ class Coordinator:
         epochs = [fence.epoch for fence in fences]
 
         async def work(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                await conn.execute(_RELEASE, self.replica, resources, epochs)
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.replica)
+            await conn.execute(_RELEASE, self.replica, resources, epochs, CHANNEL)
 
         await self._run(timeout, work)
 
@@ -292,9 +351,7 @@ class Coordinator:
         """This replica stops: its row expires now, so the others' rings drop it at once."""
 
         async def work(conn: asyncpg.Connection) -> None:
-            async with conn.transaction():
-                await conn.execute(_LEAVE, self.replica)
-                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, self.replica)
+            await conn.execute(_LEAVE, self.replica, CHANNEL)
 
         await self._run(timeout, work)
 

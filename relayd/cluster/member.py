@@ -23,7 +23,13 @@ from typing import Protocol
 
 import structlog
 
-from relayd.cluster.coordinator import Coordinator, CoordinatorError, LeaseRow, ReplicaRow
+from relayd.cluster.coordinator import (
+    ACQUIRE_BATCH,
+    Coordinator,
+    CoordinatorError,
+    LeaseRow,
+    ReplicaRow,
+)
 from relayd.cluster.placement import margin_for, plan, safe_until
 from relayd.store.base import Fence
 
@@ -144,19 +150,22 @@ class ClusterMember:
             log.info("handing drives over", resources=list(decided.drop))
             with contextlib.suppress(CoordinatorError):  # else they expire by themselves
                 await self.coordinator.release(leases, timeout=self._budget())
-        for resource in decided.take:
+        wanted = list(decided.take)
+        while wanted:
             if self._time_left() < self.interval:
                 break  # renewing what is held comes first: the next round takes the rest
+            batch, wanted = wanted[:ACQUIRE_BATCH], wanted[ACQUIRE_BATCH:]
             try:
-                taken = await self.coordinator.acquire(resource, timeout=self._budget())
+                # What is not taken is still its old holder's: the next round tries again.
+                taken, sent = await self.coordinator.acquire_many(batch, timeout=self._budget())
             except CoordinatorError as exc:
                 self._renew_failed(str(exc))
                 return
-            if taken is None:
-                continue  # its old holder has not let go yet: the next round tries again
-            fence, sent = taken
-            self.held[resource] = Lease(fence, safe_until(sent, self.lease, margin_for(self.lease)))
-            await self.holder.take(fence)
+            until = safe_until(sent, self.lease, margin_for(self.lease))
+            order = {resource: index for index, resource in enumerate(batch)}
+            for fence in sorted(taken, key=lambda f: order[f.resource]):
+                self.held[fence.resource] = Lease(fence, until)
+                await self.holder.take(fence)
 
     async def _stop_expired(self) -> None:
         """The guard: once one lease may run out before we could renew it, everything held

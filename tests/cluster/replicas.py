@@ -15,7 +15,7 @@ from support.daemon import Daemon, free_port, write_daemon_config
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
 
-LEASE = 3.0
+LEASE = 4.0
 
 
 def drives(count: int, *, mode: str = "notifications") -> list[dict[str, Any]]:

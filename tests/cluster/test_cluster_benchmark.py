@@ -13,11 +13,11 @@ import pytest
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "cluster.py"
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(250)
 def test_cluster_benchmark_runs_every_setup_and_the_failover() -> None:
     command = [sys.executable, str(BENCHMARK), "--drives=6", "--burst=60", "--rounds=1"]
-    command += ["--lease=3", "--json"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=140, check=False)
+    command += ["--lease=5", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, check=False)
     assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
     document = json.loads(done.stdout.strip().splitlines()[-1])
     assert document["ok"] is True
@@ -27,4 +27,4 @@ def test_cluster_benchmark_runs_every_setup_and_the_failover() -> None:
         assert setup["rounds"][0]["delivered"] >= 60, name
     failover = document["setups"]["pg-3"]["failover"]
     assert failover["peak_sockets_per_drive"] == 1
-    assert failover["seconds"] <= 3 + 10
+    assert failover["seconds"] <= 5 + 10

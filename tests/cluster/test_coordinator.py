@@ -131,3 +131,15 @@ async def test_a_frozen_connection_fails_within_the_timeout_and_reconnects(
             assert (await coordinator.beat([])).live == ("a",)
         finally:
             await coordinator.close()
+
+
+async def test_many_leases_are_taken_in_one_statement_except_those_held(
+    replicas: Callable[[str], Coordinator],
+) -> None:
+    a, b = replicas("a"), replicas("b")
+    held_by_a = await a.acquire("drive:3")
+    assert held_by_a is not None
+    taken, _sent = await b.acquire_many([f"drive:{i}" for i in range(6)])
+    assert sorted(fence.resource for fence in taken) == [f"drive:{i}" for i in (0, 1, 2, 4, 5)]
+    assert all(fence.holder == "b" and fence.epoch == 1 for fence in taken)
+    assert (await b.beat(taken)).renewed == set(taken)
