@@ -74,6 +74,7 @@ VISIBILITY = 30.0
 VISIBILITY_RENEW = 10.0
 WAKE_EVERY = 5.0  # the safety net under LISTEN/NOTIFY: every known webhook is woken this often
 CONNECT_TIMEOUT = 10.0
+CLOSING_CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 60.0  # a statement that takes longer is a server in trouble: fail the commit
 RECONNECT_FIRST = 0.1  # the backoff between connection attempts doubles from here
 RECONNECT_MAX = 5.0
@@ -361,11 +362,11 @@ class PostgresStore:
                 await self._connection.close(timeout=5)
             self._connection = None
 
-    async def _connect(self) -> Connection:
+    async def _connect(self, timeout: float = CONNECT_TIMEOUT) -> Connection:
         try:
             connection: Connection = await asyncpg.connect(
                 self._url,
-                timeout=CONNECT_TIMEOUT,
+                timeout=timeout,
                 command_timeout=COMMAND_TIMEOUT,
                 # On, whatever the server's default: a notification is committed when we say so.
                 server_settings={"synchronous_commit": "on", "application_name": "relayd"},
@@ -485,7 +486,11 @@ class PostgresStore:
         if time.monotonic() < self._retry_at and self._connect_error is not None:
             raise self._connect_error  # fail fast between attempts: callers keep their rows
         try:
-            connection = await self._connect()
+            # Closing: the stop must not wait long for a server that is away. What cannot be
+            # committed fails, and its callers say so (a watcher counts what it could not store).
+            connection = await self._connect(
+                CLOSING_CONNECT_TIMEOUT if self._closing else CONNECT_TIMEOUT
+            )
         except OutboxError as exc:
             self._connect_error = exc
             self._retry_at = time.monotonic() + self._backoff
