@@ -9,7 +9,9 @@ before its lease ends and never writes after another replica took its drives.
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -70,6 +72,24 @@ async def test_three_replicas_share_thirty_drives_with_one_socket_each_and_a_fou
     view = status["cluster"]
     assert {r["name"] for r in view["replicas"] if r["alive"]} == {"a", "b", "c", "d"}
     assert view["drives"] == after
+    # relayd status, as an operator runs it beside replica a.
+    done = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "relayd", "--config", str(cluster.daemons["a"].config), "status",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(done.communicate(), 30)
+    screen = out.decode()
+    assert "cluster: this is replica a, lease 4s" in screen, err.decode()
+    replica_rows = [
+        line.split() for line in screen.splitlines() if line[:2] in {"a ", "b ", "c ", "d "}
+    ]
+    assert {row[0] for row in replica_rows} == {"a", "b", "c", "d"}
+    held_by = dict(
+        line.split()
+        for line in screen.splitlines()
+        if line.startswith("d") and len(line.split()) == 2
+    )
+    assert held_by == after
 
 
 @pytest.mark.timeout(90)
