@@ -505,6 +505,11 @@ def build_app(supervisor: Supervisor) -> web.Application:
             "outbox": outbox_report(supervisor),
             "drives": {name: d["state"] for name, d in drive_report(supervisor).items()},
         }
+        if supervisor.cluster is not None:  # a replica that cannot heartbeat takes no part
+            body["cluster"] = {
+                "replica": supervisor.cluster.replica,
+                "healthy": supervisor.cluster.healthy,
+            }
         return web.json_response(body, status=200 if ready else 503)
 
     async def status(_: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ before its lease ends and never writes after another replica took its drives.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sys
 import time
@@ -72,6 +73,9 @@ async def test_three_replicas_share_thirty_drives_with_one_socket_each_and_a_fou
     view = status["cluster"]
     assert {r["name"] for r in view["replicas"] if r["alive"]} == {"a", "b", "c", "d"}
     assert view["drives"] == after
+    code, text = await cluster.daemons["d"].get("/readyz")
+    assert code == 200, text
+    assert json.loads(text)["cluster"] == {"replica": "d", "healthy": True}
     # relayd status, as an operator runs it beside replica a.
     done = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "relayd", "--config", str(cluster.daemons["a"].config), "status",
