@@ -43,24 +43,7 @@ CHANNEL = "relayd_cluster"
 # replica for a while (an operator wants to see what died), not forever.
 FORGET_AFTER = 3600.0
 
-# The contract's DDL; STORE's migrations create the same tables. Kept here for
-# `ensure_tables`, which only tests and the benchmark call before those migrations exist.
-DDL = """
-CREATE TABLE IF NOT EXISTS replicas (
-    name      text PRIMARY KEY,
-    started   timestamptz NOT NULL,
-    heartbeat timestamptz NOT NULL,
-    expires   timestamptz NOT NULL,
-    info      jsonb NOT NULL DEFAULT '{}'
-);
-CREATE TABLE IF NOT EXISTS leases (
-    resource  text PRIMARY KEY,
-    holder    text,
-    epoch     bigint NOT NULL,
-    acquired  timestamptz NOT NULL,
-    expires   timestamptz NOT NULL
-);
-"""
+# The tables (`replicas`, `leases`) are created by the store's migrations (relayd.store.postgres).
 
 # The heartbeat is one statement (so one round trip, and never a transaction left open between
 # statements by a replica that stalls): this replica's row, the renewal of its leases by resource
@@ -254,11 +237,6 @@ class Coordinator:
                 async with asyncio.timeout(self.timeout):
                     await self._conn.close()
             self._drop()
-
-    async def ensure_tables(self) -> None:
-        """Create the cluster tables if they are missing (tests and the benchmark; a relay
-        relies on the store's migrations)."""
-        await self._run(None, lambda conn: conn.execute(DDL))
 
     # -- heartbeat and leases --------------------------------------------------------------------
 

@@ -8,19 +8,29 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 from support.postgres import PostgresServer
 from support.proxy import FreezableProxy
 
 from relayd.cluster.coordinator import Coordinator, CoordinatorError
+from relayd.store import open_store
 from relayd.store.base import Fence
 
 LEASE = 2.0
 
 
+async def migrate(url: str, state_dir: Path) -> None:
+    """The cluster's tables, as a relay starting on this database creates them."""
+    async with open_store(url, state_dir, recover=False):
+        pass
+
+
 @pytest.fixture
-async def replicas(postgres_url: str) -> AsyncIterator[Callable[[str], Coordinator]]:
+async def replicas(
+    postgres_url: str, tmp_path: Path
+) -> AsyncIterator[Callable[[str], Coordinator]]:
     made: list[Coordinator] = []
 
     def make(name: str, lease: float = LEASE) -> Coordinator:
@@ -28,7 +38,7 @@ async def replicas(postgres_url: str) -> AsyncIterator[Callable[[str], Coordinat
         made.append(coordinator)
         return coordinator
 
-    await make("setup").ensure_tables()
+    await migrate(postgres_url, tmp_path)
     yield make
     for coordinator in made:
         await coordinator.close()
@@ -112,14 +122,14 @@ async def test_a_join_or_a_release_is_announced_to_the_others(
 
 
 async def test_a_frozen_connection_fails_within_the_timeout_and_reconnects(
-    postgres_server: PostgresServer, postgres_url: str
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path
 ) -> None:
+    await migrate(postgres_url, tmp_path)
     database = postgres_url.rsplit("/", 1)[1]
     async with FreezableProxy(postgres_server.port) as proxy:
         url = f"postgresql://relayd@127.0.0.1:{proxy.port}/{database}"
         coordinator = Coordinator(url, "a", LEASE)
         try:
-            await coordinator.ensure_tables()
             await coordinator.beat([])
             proxy.freeze()
             started = time.monotonic()

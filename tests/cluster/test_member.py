@@ -14,6 +14,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from support.postgres import PostgresServer
@@ -23,6 +24,7 @@ from support.waiting import wait_until
 from relayd.cluster.coordinator import Coordinator
 from relayd.cluster.member import ClusterMember
 from relayd.cluster.ring import place
+from relayd.store import open_store
 from relayd.store.base import Fence
 
 LEASE = 3.0
@@ -91,11 +93,12 @@ class Cluster:
     def __init__(self, url: str, world: World) -> None:
         self.url = url
         self.world = world
+        self.lease = LEASE
         self.replicas: dict[str, Replica] = {}
 
     async def start(self, name: str, url: str | None = None) -> Replica:
-        coordinator = Coordinator(url or self.url, name, LEASE, timeout=LEASE)
-        member = ClusterMember(coordinator, Recorder(name, self.world), LEASE)
+        coordinator = Coordinator(url or self.url, name, self.lease, timeout=self.lease)
+        member = ClusterMember(coordinator, Recorder(name, self.world), self.lease)
         coordinator.on_change = member.wake
         replica = Replica(member, asyncio.create_task(member.run(), name=f"member-{name}"))
         self.replicas[name] = replica
@@ -109,10 +112,9 @@ class Cluster:
 
 
 @pytest.fixture
-async def cluster(postgres_url: str) -> AsyncIterator[Cluster]:
-    setup = Coordinator(postgres_url, "setup", LEASE)
-    await setup.ensure_tables()
-    await setup.close()
+async def cluster(postgres_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
+    async with open_store(postgres_url, tmp_path, recover=False):  # its migrations: the tables
+        pass
     made = Cluster(postgres_url, World(list(DRIVES)))
     try:
         yield made
@@ -175,13 +177,15 @@ async def test_a_killed_replicas_drives_move_after_the_lease(cluster: Cluster) -
 
 @pytest.mark.timeout(60)
 async def test_a_stopping_replica_hands_its_drives_over_at_once(cluster: Cluster) -> None:
+    # A long lease: the hand-over must be over well before any lease could have run out.
+    cluster.lease = lease = 9.0
     for name in ("a", "b", "c"):
         await cluster.start(name)
     await wait_until(lambda: settled(cluster.world, "abc"), timeout=10, what="three placed")
     started = time.monotonic()
     await cluster.replicas["c"].stop()
-    await wait_until(lambda: settled(cluster.world, "ab"), timeout=LEASE, what="hand-over")
-    assert time.monotonic() - started < LEASE - LEASE / 3  # NOTIFY, not the expiry
+    await wait_until(lambda: settled(cluster.world, "ab"), timeout=lease, what="hand-over")
+    assert time.monotonic() - started < lease - lease / 3  # released and NOTIFY, not expiry
     assert cluster.world.overlaps == []
 
 
