@@ -284,7 +284,7 @@ def _has(module: str) -> bool:
 
 def replace(module: ModuleType, name: str, value: object) -> None:
     """Put `value` in place of a module's global `name`: how the benchmarks swap relayd's parts
-    (the outbox class, the outbox's executor) without a hook in relayd for it."""
+    (the store opener, the SQLite store's executor) without a hook in relayd for it."""
     if not hasattr(module, name):
         raise AttributeError(f"{module.__name__} has no {name} to replace: relayd changed")
     setattr(module, name, value)

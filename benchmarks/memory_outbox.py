@@ -1,11 +1,11 @@
 """An in-memory stand-in for relayd's SQLite outbox: the relay with its store bypassed.
 
-It implements the part of `relayd.outbox.Outbox` that the daemon uses (the supervisor opens it,
+It implements the part of `relayd.store.Store` that the daemon uses (the supervisor opens it,
 prunes and reads the backlog; watchers add rows and read and save their drive's state; dispatchers
 claim, record, release and ask when the next row is due), with the same semantics, but keeps rows
 in dicts and a heap: no thread, no SQL, no fsync. Nothing survives the process, so it is only for
 measuring what the store costs (`benchmarks/relay_runner.py --memory` puts it in place of the real
-one). When relayd's Outbox grows a method the daemon calls, add it here too: the relay-memory
+one). When relayd's Store grows a method the daemon calls, add it here too: the relay-memory
 pipeline (and tests/test_benchmarks.py) fails until then.
 """
 
@@ -19,10 +19,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from relayd.outbox import (
+from relayd.store import (
     AttemptResult,
     Backlog,
     Delivery,
+    Fence,
     NewDelivery,
     OutboxError,
     Router,
@@ -45,7 +46,9 @@ class _Row:
 
 
 class MemoryOutbox:
-    """Same constructor and daemon-facing methods as `relayd.outbox.Outbox`."""
+    """Same constructor and daemon-facing methods as `relayd.store.SqliteStore`."""
+
+    kind = "memory"
 
     def __init__(
         self,
@@ -114,7 +117,10 @@ class MemoryOutbox:
             (r for r in pending if r.state is State.PENDING), key=lambda r: r.id, default=None
         )
 
-    async def add(self, deliveries: Sequence[NewDelivery]) -> None:
+    def describe(self) -> str:
+        return f"in memory (instead of {self.path})"
+
+    async def add(self, deliveries: Sequence[NewDelivery], *, fence: Fence | None = None) -> None:
         self._check()
         if deliveries:
             self._insert(deliveries)
@@ -152,6 +158,8 @@ class MemoryOutbox:
         resource: str,
         cursor: str | None,
         deliveries: Sequence[NewDelivery] = (),
+        *,
+        fence: Fence | None = None,
     ) -> None:
         self._check()
         self._drives[name] = (resource, cursor)
@@ -269,3 +277,18 @@ class MemoryOutbox:
                 oldest[row.webhook] = min(oldest.get(row.webhook, row.created), row.created)
                 per_drive[row.drive] = per_drive.get(row.drive, 0) + 1
         return Backlog(counts=counts, oldest=oldest, per_drive=per_drive)
+
+
+def open_memory_store(
+    url: str | None,
+    state_dir: Path,
+    *,
+    recover: bool,
+    router: Router | None = None,
+    replica: str | None = None,
+    disk_reserve: int = 0,
+    clock: Callable[[], float] = time.time,
+) -> MemoryOutbox:
+    """`relayd.store.open_store`'s stand-in: what `relay_runner.py --memory` patches in as
+    `relayd.supervisor.open_store`, the name the supervisor opens its store with."""
+    return MemoryOutbox(state_dir / "outbox.sqlite3", recover=recover, router=router, clock=clock)

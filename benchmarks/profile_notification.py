@@ -45,7 +45,7 @@ from benchkit import (
     write_config,
 )
 
-import relayd.outbox
+import relayd.store.sqlite
 import relayd.supervisor
 from relayd import logs
 from relayd.config import load_config
@@ -83,7 +83,7 @@ THREADS = ThreadProfiles()
 
 
 class ProfiledExecutor(ThreadPoolExecutor):
-    """relayd.outbox's ThreadPoolExecutor, each submitted call run under THREADS' profiler."""
+    """relayd.store.sqlite's ThreadPoolExecutor, each submitted call run under THREADS' profiler."""
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         return super().submit(THREADS.wrap(fn), *args, **kwargs)
@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
     args = parser.parse_args(argv)
     raise_nofile(4096)
-    replace(relayd.outbox, "ThreadPoolExecutor", ProfiledExecutor)
+    replace(relayd.store.sqlite, "ThreadPoolExecutor", ProfiledExecutor)
     if args.memory:
-        from memory_outbox import MemoryOutbox
+        from memory_outbox import open_memory_store
 
-        replace(relayd.supervisor, "Outbox", MemoryOutbox)
+        replace(relayd.supervisor, "open_store", open_memory_store)
     with tempfile.TemporaryDirectory(prefix="relayd-profile-") as tmp:
         document = asyncio.run(profile(args, Path(tmp)))
     if args.json:

@@ -3,7 +3,7 @@
     python benchmarks/relay_runner.py [--memory] [--uvloop | --asyncio] --config CONFIG
 
 --memory   the store bypassed: `benchmarks/memory_outbox.MemoryOutbox` replaces the SQLite outbox
-           (patched in as `relayd.supervisor.Outbox`, the name the supervisor constructs).
+           (patched in as `relayd.supervisor.open_store`, the name the supervisor opens it by).
 --uvloop   uvloop's event loop (RELAYD_EVENT_LOOP=uvloop; the daemon's default where installed).
 --asyncio  asyncio's own event loop (RELAYD_EVENT_LOOP=asyncio), to compare.
 --gc-stats write the garbage collector's cumulative time per generation to stderr every 10 s, as
@@ -74,9 +74,9 @@ def main() -> int:
         timer.start()
     if args.memory:
         from benchkit import replace
-        from memory_outbox import MemoryOutbox
+        from memory_outbox import open_memory_store
 
-        replace(relayd.supervisor, "Outbox", MemoryOutbox)
+        replace(relayd.supervisor, "open_store", open_memory_store)
     if args.uvloop or args.asyncio:
         # The daemon picks its loop itself (relayd.eventloop): tell it which.
         os.environ[eventloop.ENV] = "uvloop" if args.uvloop else "asyncio"

@@ -27,7 +27,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from relayd import __version__
-from relayd.outbox import AttemptResult, State
+from relayd.store import AttemptResult, State
 from relayd.watcher import DriveState, DriveWatcher
 
 if TYPE_CHECKING:
@@ -190,6 +190,7 @@ class _RelayCollector(Collector):
         yield from (*counters.values(), connected, state, unstored, waiting)
         yield from (*feed_counters.values(), running, lag)
         yield from _store_metrics(supervisor)
+        yield from _cluster_metrics(supervisor)
 
         refreshes = CounterMetricFamily(
             "relayd_token_refreshes",
@@ -302,6 +303,72 @@ def _store_metrics(supervisor: Supervisor) -> Iterator[Metric]:
     )
     lost.add_metric([], supervisor.lost)
     yield from (healthy, full, errors, lost)
+
+
+def _cluster_metrics(supervisor: Supervisor) -> Iterator[Metric]:
+    """This replica's leases (without a cluster: one replica holding every drive it runs)."""
+    member = supervisor.cluster
+    held = GaugeMetricFamily(
+        "relayd_cluster_drives_held",
+        "Drives this replica holds the lease of and watches (without a cluster: every drive).",
+    )
+    held.add_metric(
+        [],
+        len(supervisor.watchers)
+        if member is None
+        else sum(1 for resource in member.held if resource.startswith("drive:")),
+    )
+    live = GaugeMetricFamily(
+        "relayd_cluster_replicas",
+        "Live replicas this replica saw at its last heartbeat (without a cluster: 1).",
+    )
+    live.add_metric([], 1 if member is None else len(member.live))
+    failures = CounterMetricFamily(
+        "relayd_cluster_lease_renew_failures",
+        "Heartbeats and lease renewals that failed or did not answer in time.",
+    )
+    failures.add_metric([], 0 if member is None else member.renew_failures)
+    yield from (held, live, failures)
+
+
+async def cluster_report(supervisor: Supervisor) -> dict[str, Any] | None:
+    """The cluster view of /status: every replica, and per drive the replica holding it, as
+    the database has them; None without a cluster."""
+    member = supervisor.cluster
+    if member is None:
+        return None
+    config = supervisor.config
+    drives = [drive.name for drive in config.drives]
+    report: dict[str, Any] = {
+        "replica": member.replica,
+        "lease": member.lease,
+        "healthy": member.healthy,
+        "renew_failures": member.renew_failures,
+        "held": sorted(member.held),
+        "replicas": [],
+        "drives": dict.fromkeys(drives),
+        "error": None,
+    }
+    try:
+        replicas, leases = await member.view([f"drive:{name}" for name in drives])
+    except Exception as exc:  # the local half of the report is still worth showing
+        report["error"] = str(exc)
+        return report
+    holders = {row.resource.partition(":")[2]: row.holder for row in leases if row.valid}
+    report["drives"] = {name: holders.get(name) for name in drives}
+    report["replicas"] = [
+        {
+            "name": row.name,
+            "alive": row.alive,
+            "started": row.started,
+            "heartbeat": row.heartbeat,
+            "drives": sum(1 for holder in holders.values() if holder == row.name),
+            "admin": row.info.get("admin"),
+            "version": row.info.get("version"),
+        }
+        for row in replicas
+    ]
+    return report
 
 
 def outbox_report(supervisor: Supervisor) -> dict[str, Any]:
@@ -421,6 +488,7 @@ def is_ready(supervisor: Supervisor) -> bool:
         supervisor.started.is_set()
         and outbox is not None
         and outbox.healthy
+        and (supervisor.cluster is None or supervisor.cluster.healthy)
         and all(watcher.status.state in SETTLED for watcher in supervisor.watchers.values())
     )
 
@@ -437,6 +505,11 @@ def build_app(supervisor: Supervisor) -> web.Application:
             "outbox": outbox_report(supervisor),
             "drives": {name: d["state"] for name, d in drive_report(supervisor).items()},
         }
+        if supervisor.cluster is not None:  # a replica that cannot heartbeat takes no part
+            body["cluster"] = {
+                "replica": supervisor.cluster.replica,
+                "healthy": supervisor.cluster.healthy,
+            }
         return web.json_response(body, status=200 if ready else 503)
 
     async def status(_: web.Request) -> web.Response:
@@ -454,6 +527,9 @@ def build_app(supervisor: Supervisor) -> web.Application:
             "reload": {"ok": supervisor.last_reload_ok, "error": supervisor.last_reload_error},
             "tenants": {report.tenant: report.as_dict() for report in supervisor.tenants()},
         }
+        cluster = await cluster_report(supervisor)
+        if cluster is not None:
+            body["cluster"] = cluster
         return web.json_response(body)
 
     async def metrics(_: web.Request) -> web.Response:

@@ -290,7 +290,12 @@ class CommandTokenProvider(_CachingProvider):
             with contextlib.suppress(Exception):  # a start that failed left nothing running
                 transport, _ = await spawn
                 _kill_group(transport.get_pid())
-                transport.close()
+                try:
+                    # Killed, so its exit is a moment away: waiting for it lets asyncio reap the
+                    # command before its transport is closed (no zombie, no ResourceWarning).
+                    await asyncio.wait_for(asyncio.shield(output.exited), KILL_GRACE)
+                finally:
+                    transport.close()
             raise
         return transport
 

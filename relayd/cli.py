@@ -32,11 +32,10 @@ from relayd.auth import (
 from relayd.config import Config, ConfigError, WebhookConfig, load_config, parse_duration
 from relayd.delivery import USER_AGENT
 from relayd.network import Network
-from relayd.outbox import Filter, Outbox, OutboxError, State
+from relayd.store import OUTBOX_FILE, Filter, OutboxError, State, Store, open_store
 from relayd.supervisor import (
     DAEMON_FILE,
     EXIT_LOST,
-    OUTBOX_FILE,
     StartupError,
     Supervisor,
     daemon_pid,
@@ -259,10 +258,10 @@ def _when(timestamp: float | None) -> str:
 
 async def _outbox_command(args: argparse.Namespace, config: Config) -> int:
     path = config.state_dir / OUTBOX_FILE
-    if not path.exists():
+    if config.store.url is None and not path.exists():
         raise OutboxError(f"{path}: no outbox yet (has relayd run with this state_dir?)")
     selection = _selection(args)
-    async with Outbox(path, recover=False) as outbox:
+    async with open_store(config.store.url, config.state_dir, recover=False) as outbox:
         problem = await _unknown_names(outbox, config, selection)
         if problem is not None:
             print(f"relayd: outbox {args.action}: {problem}", file=sys.stderr)
@@ -285,7 +284,7 @@ async def _outbox_command(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-async def _unknown_names(outbox: Outbox, config: Config, selection: Filter) -> str | None:
+async def _unknown_names(outbox: Store, config: Config, selection: Filter) -> str | None:
     """A --webhook or --drive that names nothing, neither in the config nor in the outbox:
     a typo, which would otherwise look like an empty outbox."""
     asked = [
@@ -337,7 +336,7 @@ def _print_rows(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
 
 
-async def _show(outbox: Outbox, config: Config, args: argparse.Namespace) -> int:
+async def _show(outbox: Store, config: Config, args: argparse.Namespace) -> int:
     if len(args.ids) != 1:
         print("relayd: outbox show takes one row id (see `relayd outbox list`)", file=sys.stderr)
         return 1
@@ -406,7 +405,7 @@ def _escape(text: str) -> str:
     return text.encode("unicode_escape").decode("ascii")
 
 
-async def _repair(outbox: Outbox, args: argparse.Namespace, selection: Filter) -> int:
+async def _repair(outbox: Store, args: argparse.Namespace, selection: Filter) -> int:
     """`outbox replay` (dead rows, or waiting ones with --state pending), `outbox resend`
     (finished rows: delivered, dead or both) and `outbox purge` (finished rows, or waiting ones
     with --state pending). Without a filter each asks first (a terminal) or needs --yes."""

@@ -22,6 +22,7 @@ import math
 import os
 import re
 import shlex
+import socket
 import ssl
 import types
 import urllib.parse
@@ -568,6 +569,23 @@ class AdminConfig(_Model):
         return f"http://{host}:{self.port if port is None else port}"
 
 
+def _default_replica() -> str:
+    """hostname-pid: unique on a machine and across machines, and readable in /status."""
+    return f"{socket.gethostname()[:50]}-{os.getpid()}"
+
+
+class ClusterConfig(_Model):
+    """Several replicas over one PostgreSQL store (docs/cluster.md)."""
+
+    # This replica's name: the holder in the lease rows and its row in `replicas`. Each replica
+    # needs its own (a Deployment's ${HOSTNAME} is the pod's name).
+    replica: _Name = Field(default_factory=_default_replica)
+    # A replica that stops renewing loses its drives after this: the longest a dead replica's
+    # drives go unwatched (plus the connect time), against how long a PostgreSQL hiccup may
+    # last before a healthy replica gives its drives up. Renewed every lease / 3.
+    lease: Annotated[float, _duration(allow_zero=False), Field(ge=1.0, le=3600.0)] = 15.0
+
+
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -583,6 +601,32 @@ class OutboxConfig(_Model):
     # Space kept free beside the store (a file of this size in state_dir, given up when the disk
     # fills), so that a full disk still lets what is stored be delivered. 0 turns it off.
     disk_reserve: _Size = 16 << 20
+
+
+def _check_store_url(value: str) -> str:
+    # Never quoted in a message: the URL may hold the database password.
+    problem = _Invalid(
+        "expected postgresql://user[:password]@host[:port]/database (omit store.url for SQLite)"
+    )
+    parts = urllib.parse.urlsplit(value.strip())
+    try:
+        parts.port  # noqa: B018 - raises ValueError for a malformed port
+    except ValueError:
+        raise problem from None
+    query = urllib.parse.parse_qs(parts.query)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise problem
+    if not parts.hostname and "host" not in query:  # ?host=/run/postgresql: a Unix socket
+        raise problem
+    return value.strip()
+
+
+class StoreConfig(_Model):
+    """Where notifications are kept: SQLite in state_dir (url omitted, the default) or a
+    PostgreSQL database shared by every replica."""
+
+    # A secret: it may hold the password (write ${PGPASSWORD}); never logged or shown whole.
+    url: Annotated[str, AfterValidator(_check_store_url)] | None = Field(default=None, repr=False)
 
 
 _GUID: Final = re.compile(r"[0-9A-Fa-f]{8}(-[0-9A-Fa-f]{4}){3}-[0-9A-Fa-f]{12}")
@@ -888,9 +932,11 @@ class Config(_Model):
     admin: AdminConfig = AdminConfig()
     log: LogConfig = LogConfig()
     outbox: OutboxConfig = OutboxConfig()
+    store: StoreConfig = StoreConfig()
     accounts: dict[_Name, AccountConfig] = Field(default_factory=dict)
     webhooks: dict[_Name, WebhookConfig] = Field(default_factory=dict)
     drives: tuple[DriveConfig, ...] = ()
+    cluster: ClusterConfig | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -907,6 +953,23 @@ class Config(_Model):
     @classmethod
     def _resolve_state_dir(cls, value: object, info: ValidationInfo) -> Path:
         return _resolve_path(value, info)
+
+    @model_validator(mode="after")
+    def _check_cluster_store(self) -> Self:
+        # Replicas share drives, leases and the outbox through PostgreSQL; on SQLite each
+        # replica would watch every drive and deliver from a file of its own.
+        if self.cluster is not None and self.store.url is None:
+            raise _Invalids(
+                [
+                    _Invalid(
+                        "a cluster needs the PostgreSQL store: set store.url "
+                        "(postgresql://...), or remove the cluster section to run one relayd "
+                        "on SQLite",
+                        at=("cluster",),
+                    )
+                ]
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_references(self, info: ValidationInfo) -> Self:

@@ -25,8 +25,8 @@ from relayd.config import RetryConfig, WebhookConfig
 from relayd.graph import parse_retry_after
 from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
-from relayd.outbox import AttemptResult, Delivery, Outbox, OutboxError, State
 from relayd.signing import decode_secret, signature_headers
+from relayd.store import AttemptResult, Delivery, OutboxError, State, Store
 
 log = structlog.get_logger("relayd.delivery")
 
@@ -150,7 +150,7 @@ class Dispatcher:
         self,
         name: str,
         config: WebhookConfig,
-        outbox: Outbox,
+        outbox: Store,
         session: aiohttp.ClientSession,
         *,
         clock: Callable[[], float] = time.time,

@@ -33,7 +33,7 @@ from relayd.auth import AuthError, TokenProvider
 from relayd.config import DriveConfig
 from relayd.events import changes_deliveries, resync_deliveries
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, retry_delay
-from relayd.outbox import NewDelivery, Outbox, OutboxError
+from relayd.store import Fence, Fenced, NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
 
 OUTBOX_RETRY = 1.0
@@ -146,9 +146,15 @@ class ChangeFeed:
         *,
         graph: GraphClient,
         tokens: TokenProvider,
-        outbox: Outbox,
+        outbox: Store,
         tenant: str = DEFAULT_TENANT,
+        fence: Fence | None = None,
+        on_fenced: Callable[[Fenced], None] | None = None,
     ) -> None:
+        """`fence`: the cluster lease the cursor and rows are written under; `on_fenced`: told
+        when the store refused one (another replica holds the drive: rounds end)."""
+        self.fence = fence
+        self._on_fenced = on_fenced
         self.drive = drive
         self.tenant = tenant
         self.rounds = 0
@@ -215,7 +221,9 @@ class ChangeFeed:
                 )
             )
             cursor = page.link
-        await self._outbox.save_drive_state(self.drive.name, self.drive.resource, cursor)
+        await self._outbox.save_drive_state(
+            self.drive.name, self.drive.resource, cursor, fence=self.fence
+        )
         self._cursor = cursor
         self.log.info("delta cursor taken", initial_sync=initial_sync)
 
@@ -330,10 +338,14 @@ class ChangeFeed:
         while True:
             try:
                 await self._outbox.save_drive_state(
-                    self.drive.name, self.drive.resource, link, deliveries
+                    self.drive.name, self.drive.resource, link, deliveries, fence=self.fence
                 )
                 self._cursor = link
                 return
+            except Fenced as exc:  # never retried: the cursor is another replica's to move
+                if self._on_fenced is not None:
+                    self._on_fenced(exc)
+                raise
             except OutboxError as exc:
                 self.log.error("cannot write to the outbox, retrying", error=str(exc))
                 await asyncio.sleep(OUTBOX_RETRY)

@@ -27,8 +27,8 @@ from relayd.auth import AuthError
 from relayd.config import Config, drive_address, is_name
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, TokenSource, retry_delay
 from relayd.network import Network, describe_connection_error
-from relayd.outbox import Outbox, OutboxError
-from relayd.supervisor import OUTBOX_FILE, token_provider
+from relayd.store import OUTBOX_FILE, OutboxError, open_store
+from relayd.supervisor import token_provider
 
 # A listing is interactive: a throttled request is asked again a few times, not forever.
 THROTTLE_ATTEMPTS = 4
@@ -336,12 +336,11 @@ async def resolved_drives(config: Config) -> dict[str, str]:
     """`drives/{id}` -> name, for the configured drives whose resource (`me`, `groups/...`) a
     daemon has resolved: so that `me` is known to be the OneDrive the listing shows. Nothing
     when relayd never ran with this state_dir, or its store cannot be read now."""
-    path = config.state_dir / OUTBOX_FILE
-    if not path.exists():
+    if config.store.url is None and not (config.state_dir / OUTBOX_FILE).exists():
         return {}
     found: dict[str, str] = {}
     try:
-        async with Outbox(path, recover=False) as outbox:
+        async with open_store(config.store.url, config.state_dir, recover=False) as outbox:
             for drive in config.drives:
                 stored = await outbox.drive_id(drive.name)
                 if stored is not None and stored[0] == drive.resource:

@@ -26,7 +26,8 @@ from relayd.auth import AuthError, HttpClient
 from relayd.config import AccountConfig, Config, WebhookConfig
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse
 from relayd.network import Network, Proxy, describe_connection_error
-from relayd.supervisor import OUTBOX_FILE, daemon_pid, token_provider
+from relayd.store import OUTBOX_FILE, OutboxError
+from relayd.supervisor import daemon_pid, token_provider
 
 CONNECT_TIMEOUT = 10.0
 
@@ -56,7 +57,9 @@ async def run_checks(config: Config) -> list[Check]:
         ),
     )
     found = [*accounts.values(), *webhooks]
-    return [*found, *check_state_dir(config.state_dir), check_admin(config)]
+    state = check_state_dir(config.state_dir, sqlite=config.store.url is None)
+    stores = [await check_postgres(config.store.url)] if config.store.url else []
+    return [*found, *state, *stores, check_admin(config)]
 
 
 async def graph_accepts_tokens(config: Config, network: Network | None = None) -> dict[str, Check]:
@@ -165,7 +168,7 @@ async def _connect(host: str, port: int, proxy: Proxy | None) -> asyncio.StreamW
     return writer
 
 
-def check_state_dir(state_dir: Path) -> list[Check]:
+def check_state_dir(state_dir: Path, *, sqlite: bool = True) -> list[Check]:
     subject = "state_dir"
     if not state_dir.exists():
         parent = next((p for p in state_dir.parents if p.exists()), Path("/"))
@@ -185,7 +188,9 @@ def check_state_dir(state_dir: Path) -> list[Check]:
     else:
         checks.append(Check(subject, True, f"{state_dir} writable, mode {mode:04o}"))
     store = state_dir / OUTBOX_FILE
-    if store.exists():
+    if not sqlite:
+        pass  # the store is PostgreSQL's: check_postgres
+    elif store.exists():
         store_mode = stat.S_IMODE(store.stat().st_mode)
         if not os.access(store, os.R_OK | os.W_OK):
             checks.append(Check("store", False, f"{store} is not writable by this user"))
@@ -196,6 +201,15 @@ def check_state_dir(state_dir: Path) -> list[Check]:
     else:
         checks.append(Check("store", True, f"{store} will be created (mode 0600)"))
     return checks
+
+
+async def check_postgres(url: str) -> Check:
+    from relayd.store.postgres import probe  # asyncpg is loaded only when used
+
+    try:
+        return Check("store", True, await probe(url))
+    except OutboxError as exc:
+        return Check("store", False, str(exc))
 
 
 def check_admin(config: Config) -> Check:

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from relayd.outbox import NewDelivery
+from relayd.store import NewDelivery
 
 NOTIFICATION = "drive.notification"
 CHANGES = "drive.changes"

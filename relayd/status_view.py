@@ -42,6 +42,22 @@ def problems(report: Mapping[str, Any]) -> list[str]:
     for name, tenant in report.get("tenants", {}).items():
         if tenant.get("throttled_until") is not None:
             found.append(f"tenant {name} throttled by Graph")
+    found += _cluster_problems(report.get("cluster"))
+    return found
+
+
+def _cluster_problems(cluster: Mapping[str, Any] | None) -> list[str]:
+    if not cluster:
+        return []
+    found = []
+    if not cluster.get("healthy", True):
+        found.append("cluster leases not renewed")
+    if cluster.get("error"):
+        found.append("cluster view unreadable")
+    else:
+        unheld = sum(1 for holder in cluster.get("drives", {}).values() if holder is None)
+        if unheld:
+            found.append(f"{unheld} drive{'s' if unheld != 1 else ''} held by no replica")
     return found
 
 
@@ -72,7 +88,40 @@ def render(report: Mapping[str, Any], *, now: float, color: bool) -> str:
     tenants = report.get("tenants", {})
     if tenants:
         lines += ["", *_tenant_table(tenants, now, paint)]
+    cluster = report.get("cluster")
+    if cluster:
+        lines += ["", *_cluster_lines(cluster, now, paint)]
     return "\n".join(lines) + "\n"
+
+
+def _cluster_lines(cluster: Mapping[str, Any], now: float, paint: Any) -> list[str]:
+    """The replicas as the database has them, then which replica holds each drive."""
+    me = cluster.get("replica", "?")
+    lines = [f"cluster: this is replica {me}, lease {spell(cluster.get('lease', 0.0))}"]
+    if cluster.get("error"):
+        lines.append(paint(f"  cannot read the cluster view: {cluster['error']}", _RED))
+        return lines
+    rows: list[list[Cell]] = []
+    for replica in cluster.get("replicas", []):
+        name = replica["name"] + (" (this one)" if replica["name"] == me else "")
+        alive = replica["alive"]
+        rows.append(
+            [
+                name,
+                ("alive", _GREEN) if alive else ("gone", _YELLOW),
+                _age(replica["started"], now) if alive else "-",
+                _ago(replica["heartbeat"], now),
+                str(replica["drives"]),
+            ]
+        )
+    lines += _table(["REPLICA", "STATE", "UP", "LAST HEARTBEAT", "DRIVES"], rows, paint)
+    holders = [
+        [drive, (holder, _GREEN) if holder else ("none", _RED)]
+        for drive, holder in sorted(cluster.get("drives", {}).items())
+    ]
+    if holders:
+        lines += ["", *_table(["DRIVE", "HELD BY"], holders, paint)]
+    return lines
 
 
 def _drive_lines(drives: Mapping[str, Any], now: float, paint: Any) -> list[str]:

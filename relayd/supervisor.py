@@ -15,8 +15,9 @@ import contextlib
 import fcntl
 import json
 import os
+import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ from relayd.auth import (
     MsalTokenProvider,
     TokenProvider,
 )
+from relayd.cluster.coordinator import Coordinator
+from relayd.cluster.member import ClusterMember
+from relayd.cluster.placement import Fence, drive_resource, webhook_resource
 from relayd.config import (
     AccountConfig,
     Config,
@@ -44,14 +48,13 @@ from relayd.config import (
 from relayd.delivery import Dispatcher
 from relayd.graph import GraphClient
 from relayd.network import Network, mask_proxy_url, trim_tls_read_buffers
-from relayd.outbox import Backlog, Outbox, Reservation
+from relayd.store import Backlog, Reservation, Store, open_store
 from relayd.systemd import Notifier, watchdog_interval
 from relayd.tenant import TenantReport, tenant_key
 from relayd.watcher import ConnectGate, DriveState, DriveWatcher, Inbox
 
 log = structlog.get_logger("relayd.supervisor")
 
-OUTBOX_FILE = "outbox.sqlite3"
 LOCK_FILE = "relayd.lock"
 DAEMON_FILE = "daemon.json"  # where the running daemon answers: its pid and admin address
 WATCHER_STOP_TIMEOUT = 10.0  # watchers only close sockets and flush their queue to disk
@@ -134,7 +137,7 @@ class Supervisor:
         self.watchers: dict[str, DriveWatcher] = {}
         self.dispatchers: dict[str, Dispatcher] = {}
         self.tokens: dict[str, TokenProvider] = {}
-        self.outbox: Outbox | None = None
+        self.outbox: Store | None = None
         self.admin: AdminServer | None = None
         self.started = asyncio.Event()  # set once every drive and webhook has its task
         self.started_at = time.time()
@@ -154,6 +157,10 @@ class Supervisor:
         self.network: Network | None = None  # TLS trust and proxy environment, read at start
         self._graph_proxy: str | None = None
         self._sign_in: HttpClient | None = None
+        # With a `cluster:` section: this replica's heartbeat and leases; watchers run only for
+        # the drives it holds (and ordered webhooks' dispatchers only for those it holds).
+        self.cluster: ClusterMember | None = None
+        self._placing = asyncio.Lock()  # reloads and the cluster start and stop tasks in turn
         self.metrics = Metrics(self)  # last: its collector reads the attributes above
 
     def tenants(self) -> list[TenantReport]:
@@ -191,10 +198,14 @@ class Supervisor:
                 self._session = await stack.enter_async_context(
                     aiohttp.ClientSession(connector=self.network.connector(limit=0))
                 )
-                outbox = Outbox(
-                    config.state_dir / OUTBOX_FILE,
+                outbox = open_store(
+                    config.store.url,
+                    config.state_dir,
+                    recover=True,
                     router=self,
                     disk_reserve=config.outbox.disk_reserve,
+                    # In a cluster the rows it claims are marked with the replica's name.
+                    replica=None if config.cluster is None else config.cluster.replica,
                 )
                 try:
                     self.outbox = await stack.enter_async_context(outbox)
@@ -208,9 +219,36 @@ class Supervisor:
                         raise StartupError(
                             f"admin.listen {config.admin.listen}: {exc.strerror}"
                         ) from None
+                if config.cluster is not None:
+                    self.cluster = self._join_cluster(config)
                 await self._serve(shutdown)
         finally:
             os.close(lock)
+
+    def _join_cluster(self, config: Config) -> ClusterMember:
+        """This replica's member of the cluster; its loop starts with the other housekeeping."""
+        assert config.cluster is not None and config.store.url is not None  # config checks it
+        identity = self.identity()
+        coordinator = Coordinator(
+            config.store.url,
+            config.cluster.replica,
+            config.cluster.lease,
+            info={
+                "version": __version__,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "admin": identity["admin"],
+            },
+        )
+        member = ClusterMember(coordinator, self, config.cluster.lease)
+        coordinator.on_change = member.wake
+        log.info(
+            "joining the cluster",
+            replica=config.cluster.replica,
+            lease=config.cluster.lease,
+            store=coordinator.describe(),
+        )
+        return member
 
     async def _serve(self, shutdown: asyncio.Event) -> None:
         async with asyncio.TaskGroup() as group:
@@ -220,6 +258,9 @@ class Supervisor:
                 group.create_task(self._prune_loop(), name="relayd-prune"),
                 group.create_task(self._tick_loop(), name="relayd-tick"),
             ]
+            placement = None
+            if self.cluster is not None:
+                placement = group.create_task(self.cluster.run(), name="relayd-cluster")
             # The backlog was read by the first _apply, for its warning about orphaned rows.
             config = self.config
             log.info(
@@ -228,7 +269,7 @@ class Supervisor:
                 loop=eventloop.running(),
                 config=str(self.config_path) if self.config_path else None,
                 state_dir=str(config.state_dir),
-                store=f"sqlite {config.state_dir / OUTBOX_FILE}",
+                store=f"{self.outbox.kind} {self.outbox.describe()}" if self.outbox else None,
                 admin=f"http://{config.admin.listen}" if config.admin.enabled else "off",
                 drives=len(self.watchers),
                 webhooks=len(self.dispatchers),
@@ -252,8 +293,15 @@ class Supervisor:
                 stop.cancel()
             self._notifier.stopping()
             log.info("stopping")
+            if placement is not None:  # takes nothing more while the rest stops
+                placement.cancel()
+                await asyncio.gather(placement, return_exceptions=True)
             await self._stop_watchers(list(self.watchers))
+            if self.cluster is not None:  # the others take the drives now, not after `lease`
+                await self.cluster.release("drive:")
             await self._stop_dispatchers(list(self.dispatchers))
+            if self.cluster is not None:
+                await self.cluster.leave()
             for task in housekeeping:
                 task.cancel()
         self._group = None
@@ -299,10 +347,15 @@ class Supervisor:
         for key in ("state_dir", "admin", "tls"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("this setting takes effect after a restart", key=key)
+        if new.cluster != self.config.cluster:  # the replica's name and lease are its identity
+            log.warning("this setting takes effect after a restart", key="cluster")
         if new.log != self.config.log:
             logs.configure(new.log.level, new.log.format)
-        await self._apply(new)
+        async with self._placing:
+            await self._apply(new)
         self.config = new
+        if self.cluster is not None:  # drives added or removed: place them now
+            self.cluster.wake()
         self.last_reload_ok, self.last_reload_error = True, None
         self.metrics.reloaded(True)
         log.info("config reloaded", drives=len(self.watchers), webhooks=len(self.dispatchers))
@@ -361,9 +414,12 @@ class Supervisor:
         for name in [n for n in self.tokens if n not in new.accounts]:
             del self.tokens[name]
         for name in webhooks_changed:
-            self._start_dispatcher(name, new)
+            if self._runs_webhook(name, new):
+                self._start_dispatcher(name, new)
         for name in drives_changed:
-            self._start_watcher(new_drives[name], carried.get(name), new)
+            fence = None if self.cluster is None else self.cluster.fence(drive_resource(name))
+            if self.cluster is None or fence is not None:  # in a cluster: the drives it holds
+                self._start_watcher(new_drives[name], carried.get(name), new, fence=fence)
         self._applied = new
         if old is not None:
             log.info(
@@ -421,7 +477,9 @@ class Supervisor:
         assert self.network is not None
         return self.network.request_options(url, self._graph_proxy)
 
-    def _start_watcher(self, drive: DriveConfig, inbox: Inbox | None, config: Config) -> None:
+    def _start_watcher(
+        self, drive: DriveConfig, inbox: Inbox | None, config: Config, *, fence: Fence | None = None
+    ) -> None:
         assert self._group is not None and self._graph is not None and self._gate is not None
         assert self.outbox is not None
         watcher = DriveWatcher(
@@ -434,6 +492,7 @@ class Supervisor:
             socket_options=self._socket_options,
             gate=self._gate,
             inbox=inbox,
+            fence=fence,
         )
         self.watchers[drive.name] = watcher
         self._drive_tasks[drive.name] = self._group.create_task(
@@ -490,6 +549,49 @@ class Supervisor:
         if dispatcher is not None:
             dispatcher.wake()
 
+    # -- the cluster's Holder: what this replica holds is what it runs -----------------------------
+
+    def _runs_webhook(self, name: str, config: Config) -> bool:
+        """Every replica runs every webhook's dispatcher (rows are claimed with SKIP LOCKED),
+        except an ordered webhook's: only the replica holding its lease runs that one."""
+        if self.cluster is None or not config.webhooks[name].ordered:
+            return True
+        return self.cluster.fence(webhook_resource(name)) is not None
+
+    def resources(self) -> list[str]:
+        config = self._applied or self.config
+        return [drive_resource(drive.name) for drive in config.drives] + [
+            webhook_resource(name) for name, hook in config.webhooks.items() if hook.ordered
+        ]
+
+    async def take(self, fence: Fence) -> None:
+        kind, _, name = fence.resource.partition(":")
+        async with self._placing:
+            config = self._applied
+            if config is None or self._group is None:
+                return
+            if kind == "drive" and name not in self.watchers:
+                drive = next((d for d in config.drives if d.name == name), None)
+                if drive is not None:
+                    self._start_watcher(drive, None, config, fence=fence)
+            elif kind == "webhook" and name in config.webhooks and name not in self.dispatchers:
+                self._start_dispatcher(name, config)
+
+    async def drop(self, resources: Sequence[str]) -> None:
+        async with self._placing:
+            config = self._applied or self.config
+            named = [resource.partition(":") for resource in resources]
+            drives = [name for kind, _, name in named if kind == "drive" and name in self.watchers]
+            hooks = [
+                name
+                for kind, _, name in named
+                if kind == "webhook"
+                and name in self.dispatchers
+                and (name not in config.webhooks or config.webhooks[name].ordered)
+            ]
+            await self._stop_watchers(drives)
+            await self._stop_dispatchers(hooks)
+
     # -- the drives' tasks and housekeeping -------------------------------------------------------
 
     async def _keep_watching(self, watcher: DriveWatcher) -> None:
@@ -498,6 +600,8 @@ class Supervisor:
         await _keep_running(
             watcher.run, what="drive watcher", logger=watcher.log, delay=DRIVE_RESTART_DELAY
         )
+        if watcher.fenced and self.cluster is not None:  # another replica holds it now
+            self.cluster.fenced(drive_resource(watcher.drive.name))
 
     async def _prune_loop(self) -> None:
         """Forget delivered rows past their retention, hourly. A store that fails (a CLI holding

@@ -48,8 +48,8 @@ from relayd.graph import (
 )
 from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
-from relayd.outbox import NewDelivery, Outbox, OutboxError
 from relayd.push import Frame, LineLost, PingTimes, ProtocolError, PushSocket, Refused
+from relayd.store import Fence, Fenced, NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
@@ -292,15 +292,19 @@ class DriveWatcher:
         *,
         graph: GraphClient,
         tokens: TokenProvider,
-        outbox: Outbox,
+        outbox: Store,
         socket_session: aiohttp.ClientSession | None = None,
         socket_options: Callable[[str], Mapping[str, Any]] | None = None,
         gate: ConnectGate,
         inbox: Inbox | None = None,
         tenant: str = DEFAULT_TENANT,
+        fence: Fence | None = None,
     ) -> None:
         """`inbox`: what an earlier watcher of the same drive held, to go on from; `tenant`:
-        whose Graph budget and throttling the drive's requests share (tenant.tenant_key)."""
+        whose Graph budget and throttling the drive's requests share (tenant.tenant_key);
+        `fence`: the cluster lease every write of this drive is made under (None: no cluster)."""
+        self.fence = fence
+        self.fenced = False  # the store refused a write: another replica holds the drive now
         self.drive = drive
         self.tenant = tenant
         self.status = DriveStatus()
@@ -313,7 +317,15 @@ class DriveWatcher:
         self._gate = gate
         # In changes mode notifications only trigger delta rounds; the feed posts the items.
         self.feed = (
-            ChangeFeed(drive, graph=graph, tokens=tokens, outbox=outbox, tenant=tenant)
+            ChangeFeed(
+                drive,
+                graph=graph,
+                tokens=tokens,
+                outbox=outbox,
+                tenant=tenant,
+                fence=fence,
+                on_fenced=self._lost_lease,
+            )
             if drive.mode == "changes"
             else None
         )
@@ -347,8 +359,12 @@ class DriveWatcher:
         try:
             if await self._retrying(self._prepare) is not None:
                 await self._watch()
-            # Closed sockets bring nothing new: write out what is held, then stop.
-            await self.inbox.emptied(FLUSH_TIMEOUT)
+            # Closed sockets bring nothing new: write out what is held, then stop (unless the
+            # drive is another replica's now: then nothing more may be written).
+            if not self.fenced:
+                await self.inbox.emptied(FLUSH_TIMEOUT)
+        except Fenced as exc:
+            self._lost_lease(exc)
         finally:
             for task in helpers:
                 task.cancel()
@@ -370,7 +386,9 @@ class DriveWatcher:
         if self._seen_before:
             self._resync("restart")
         else:
-            await self._outbox.save_drive_state(self.drive.name, self.drive.resource, None)
+            await self._outbox.save_drive_state(
+                self.drive.name, self.drive.resource, None, fence=self.fence
+            )
         return True
 
     async def _resolve(self) -> str:
@@ -678,7 +696,10 @@ class DriveWatcher:
         while True:
             deliveries = await self.inbox.take()
             try:
-                await self._outbox.add(deliveries)
+                await self._outbox.add(deliveries, fence=self.fence)
+            except Fenced as exc:  # never retried: the drive is another replica's now
+                self._lost_lease(exc)
+                return
             except OutboxError as exc:
                 # Nothing is dropped: the batch stays in the inbox, which fills; the socket waits.
                 self._write_failed(exc)
@@ -691,6 +712,18 @@ class DriveWatcher:
                     after_seconds=round(time.monotonic() - self._write_failing_since, 1),
                 )
                 self._write_failing_since = None
+
+    def _lost_lease(self, exc: Fenced) -> None:
+        """A write was refused under our fence: stop at once (the socket closes); the
+        supervisor then drops the drive, which the replica holding it now watches."""
+        if not self.fenced:
+            self.fenced = True
+            self.log.warning(
+                "another replica holds this drive now; stopping",
+                error=str(exc),
+                held=len(self.inbox),
+            )
+        self.stop()  # wakes the socket's read (relayd.push), which no event reaches otherwise
 
     def _write_failed(self, exc: OutboxError) -> None:
         """Said once per outage, not once a second: the outbox logs the cause itself."""

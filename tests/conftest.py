@@ -28,9 +28,9 @@ from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.supervisor import Supervisor
 from relayd.watcher import DriveState, DriveWatcher
 
-# Fixtures kept in support modules, for every test: a test CA and the emulator over TLS, and a
-# real PostgreSQL server.
-pytest_plugins = ["support.tls", "support.postgres"]
+# Fixtures kept in support modules, for every test: a test CA and the emulator over TLS, a real
+# PostgreSQL server, and both store backends for one suite.
+pytest_plugins = ["support.tls", "support.postgres", "support.stores"]
 
 
 @pytest.fixture(autouse=True)

@@ -62,3 +62,25 @@ def test_many_drives_benchmark_connects_every_drive_over_tls() -> None:
     assert document["ok"] is True
     assert document["settings"]["tls"] is True
     assert document["sizes"][0]["live_sockets"] == 3
+
+
+@pytest.mark.timeout(150)
+def test_store_throughput_benchmark_delivers_everything_on_both_stores() -> None:
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "store_throughput.py"),
+        "--burst=20",
+        "--rounds=1",
+        "--warmup=0",
+        "--paced-rate=100",
+        "--paced-seconds=0.2",
+        "--json",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=140, check=False)
+    assert done.returncode == 0, f"exit {done.returncode}\n{done.stdout}\n{done.stderr[-4000:]}"
+    document = json.loads(done.stdout.strip().splitlines()[-1])
+    assert document["ok"] is True
+    assert set(document["stores"]) == {"sqlite", "postgresql"}
+    for name, result in document["stores"].items():
+        assert (result["burst"]["delivered"], result["burst"]["emitted"]) == (20, 20), name
+    assert document["ratios"]["burst_throughput_postgresql/sqlite"] > 0

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TOKEN, of_type, seqs, wait_notifications
+from support import configs
 from support.daemon import Daemon
 from support.waiting import wait_until
 
@@ -39,6 +40,8 @@ def write_config(tmp_path: Path, emulator: GraphEmulator, receiver: WebhookRecei
             }
         },
         "drives": [{"name": "d1", "account": "test", "resource": "me", "webhook": "hook"}],
+        # support.stores.store_backend's PostgreSQL database, for a test that runs on it.
+        **({"store": {"url": configs.STORE["url"]}} if configs.STORE["url"] else {}),
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))

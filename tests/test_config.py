@@ -547,8 +547,8 @@ def test_environment_substitution() -> None:
 
 def test_keys_are_not_substituted() -> None:
     assert problems('"${UNSET}": 1\n') == [
-        'config.yaml:1: ["${UNSET}"]: unknown key; expected one of: accounts, admin, drives,'
-        " graph, log, outbox, shutdown_grace, state_dir, tls, webhooks"
+        'config.yaml:1: ["${UNSET}"]: unknown key; expected one of: accounts, admin, cluster,'
+        " drives, graph, log, outbox, shutdown_grace, state_dir, store, tls, webhooks"
     ]
 
 

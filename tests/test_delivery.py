@@ -23,22 +23,26 @@ from support.delivery_helpers import (
     run_cli,
     write_config,
 )
+from support.stores import Backend
 from support.waiting import eventually, wait_until
 
-import relayd.outbox
+import relayd.store.sqlite
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse
-from relayd.outbox import Filter, NewDelivery, Outbox, State
+from relayd.store import Filter, NewDelivery, State, Store
+
+# Every test on both stores (support.stores), the SQLite-only ones marked so.
+pytestmark = pytest.mark.usefixtures("store_backend")
 
 
-async def relay_ready(relay: Relay, emulator: GraphEmulator) -> Outbox:
+async def relay_ready(relay: Relay, emulator: GraphEmulator) -> Store:
     """Wait until the relay listens to the drive; return its outbox."""
     await wait_until(lambda: emulator.connected("me") == 1, what="relay connected")
     assert relay.supervisor.outbox is not None
     return relay.supervisor.outbox
 
 
-async def settle(outbox: Outbox, webhook: str, state: State, expected: int) -> None:
+async def settle(outbox: Store, webhook: str, state: State, expected: int) -> None:
     async def reached() -> bool:
         return await count(outbox, webhook, state) == expected
 
@@ -140,13 +144,14 @@ async def test_max_age_turns_a_retrying_notification_into_a_dead_letter(
     assert receiver.requests[-1].at - receiver.requests[0].at < 1.5
 
 
+@pytest.mark.sqlite_only  # another process's write lock
 async def test_a_store_that_cannot_hand_out_rows_delays_delivery_without_ending_it(
     emulator: GraphEmulator,
     receiver: WebhookReceiver,
     start_relay: StartRelay,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(relayd.outbox, "LOCK_WAIT_MS", 100)  # give up on a held lock quickly
+    monkeypatch.setattr(relayd.store.sqlite, "LOCK_WAIT_MS", 100)  # give up on a held lock quickly
     receiver.set_default("hook", ScriptedResponse(503))
     relay = await start_relay()
     outbox = await relay_ready(relay, emulator)
@@ -415,11 +420,11 @@ async def test_an_ordered_webhook_waiting_to_retry_leaves_the_store_alone(
 # -- a clock that ran ahead ---------------------------------------------------------------------
 
 
-async def write_rows_ahead(path: Path, seconds: float, *message_ids: str) -> None:
+async def write_rows_ahead(backend: Backend, seconds: float, *message_ids: str) -> None:
     """Rows as a relay whose clock ran `seconds` ahead wrote them: created, retry_from and
     next_attempt all that far in the future (the clock has since been corrected)."""
     ahead = time.time() + seconds
-    async with Outbox(path) as store:
+    async with backend.open() as store:
         await store.add(
             [
                 NewDelivery(m, "hook", "d1", b'{"type":"drive.notification"}', ahead)
@@ -429,9 +434,12 @@ async def write_rows_ahead(path: Path, seconds: float, *message_ids: str) -> Non
 
 
 async def test_a_row_written_while_the_clock_ran_a_day_ahead_is_delivered_now(
-    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+    store_backend: Backend,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
 ) -> None:
-    await write_rows_ahead(tmp_path / "state" / "outbox.sqlite3", 86400, "msg_ahead")
+    await write_rows_ahead(store_backend, 86400, "msg_ahead")
     relay = await start_relay()  # retry.max_delay 0.5 s: no backoff puts a retry a day ahead
     outbox = await relay_ready(relay, emulator)
 
@@ -440,16 +448,17 @@ async def test_a_row_written_while_the_clock_ran_a_day_ahead_is_delivered_now(
 
 
 async def test_rows_whose_retry_from_lies_ahead_are_still_dead_lettered_after_max_age(
-    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+    store_backend: Backend,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
 ) -> None:
-    path = tmp_path / "state" / "outbox.sqlite3"
-    await write_rows_ahead(path, 86400, "msg_all_ahead", "msg_due_but_ahead")
+    await write_rows_ahead(store_backend, 86400, "msg_all_ahead", "msg_due_but_ahead")
     # The second is due (a replay made it so, say) but still counts max_age from tomorrow.
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "UPDATE deliveries SET next_attempt = ? WHERE message_id = 'msg_due_but_ahead'",
-            (time.time(),),
-        )
+    await store_backend.query(
+        "UPDATE deliveries SET next_attempt = ? WHERE message_id = 'msg_due_but_ahead'",
+        time.time(),
+    )
     receiver.set_default("hook", ScriptedResponse(503))
     retry = {"initial_delay": 0.05, "max_delay": 0.2, "max_age": 1}
     relay = await start_relay(webhooks={"hook": {"url": receiver.url("hook"), "retry": retry}})
@@ -524,9 +533,12 @@ async def test_a_reload_that_removes_a_webhook_with_rows_waiting_warns_and_keeps
 
 
 async def test_at_start_rows_of_an_unknown_webhook_are_reported(
-    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+    store_backend: Backend,
+    emulator: GraphEmulator,
+    receiver: WebhookReceiver,
+    start_relay: StartRelay,
 ) -> None:
-    async with Outbox(tmp_path / "state" / "outbox.sqlite3") as store:
+    async with store_backend.open() as store:
         body = b'{"type":"drive.notification"}'
         await store.add(
             [NewDelivery(f"msg_{n}", "renamed", "d1", body, time.time()) for n in (1, 2)]

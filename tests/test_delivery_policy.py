@@ -4,7 +4,7 @@ import pytest
 
 from relayd.config import RetryConfig
 from relayd.delivery import Attempt, conclude, judge, retry_delay
-from relayd.outbox import Delivery, State
+from relayd.store import Delivery, State
 
 POLICY = RetryConfig(initial_delay=5, max_delay=3600, max_age=3 * 86400)
 

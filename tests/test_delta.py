@@ -19,6 +19,9 @@ import relayd.delta
 from relayd import admin, status_view
 from relayd.emulator import GraphEmulator, WebhookReceiver
 
+# Every test on both stores (support.stores).
+pytestmark = pytest.mark.usefixtures("store_backend")
+
 FAST_CHANGES = {"quiet_period": 0.2, "max_delay": 2, "follow_up": 0}
 
 

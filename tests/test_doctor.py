@@ -15,6 +15,7 @@ from support.daemon import free_port
 from support.tls import Authority
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
+from relayd.store import open_store
 
 
 async def doctor(config: Path) -> tuple[int, list[str]]:
@@ -110,3 +111,29 @@ async def test_over_tls_the_ca_file_decides_and_an_untrusted_certificate_is_name
     code, lines = await doctor(write(tmp_path, document))
     assert code == 0, lines
     assert "(TLS certificate valid)" in line_of(lines, "webhook hook")
+
+
+@pytest.mark.timeout(90)
+async def test_a_postgresql_store_is_checked_reachable_without_showing_its_password(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, postgres_url: str
+) -> None:
+    password = "pw-doctor-never-shown"
+    with_password = postgres_url.replace("relayd@", f"relayd:{password}@", 1)
+    document = relay_document(tmp_path, emulator, receiver, store={"url": with_password})
+    code, lines = await doctor(write(tmp_path, document))
+    assert code == 0, lines
+    assert "reachable; empty: relayd creates its tables at start" in line_of(lines, "store")
+    assert postgres_url in line_of(lines, "store")
+
+    async with open_store(with_password, tmp_path / "state", recover=False):
+        pass  # the first start: the schema is made
+    code, lines = await doctor(write(tmp_path, document))
+    assert code == 0, lines
+    assert "reachable, schema 1" in line_of(lines, "store")
+
+    nowhere = f"postgresql://relayd:{password}@127.0.0.1:{free_port()}/relayd"
+    document["store"] = {"url": nowhere}
+    code, lines = await doctor(write(tmp_path, document))
+    assert code == 1
+    assert "cannot connect" in line_of(lines, "store")
+    assert password not in "\n".join(lines)

@@ -17,7 +17,7 @@ from support.waiting import wait_until
 
 from relayd.admin import drive_report
 from relayd.emulator import GraphEmulator, WebhookReceiver
-from relayd.outbox import SCHEMA_VERSION
+from relayd.store.sqlite import SCHEMA_VERSION
 from relayd.watcher import DriveState
 
 SOCKETIO = "root/subscriptions/socketIo"

@@ -16,11 +16,11 @@ import pytest
 from conftest import StartRelay, seqs
 from support.waiting import stays_true, wait_until
 
-from relayd import outbox as outbox_module
 from relayd import supervisor as supervisor_module
 from relayd.delivery import Dispatcher
 from relayd.emulator import GraphEmulator, WebhookReceiver
-from relayd.outbox import Outbox
+from relayd.store import SqliteStore
+from relayd.store import sqlite as outbox_module
 from relayd.watcher import DriveWatcher
 
 
@@ -44,9 +44,9 @@ def fail_once(monkeypatch: pytest.MonkeyPatch, owner: type, name: str) -> list[i
 TASKS = {
     "drive watcher": (DriveWatcher, "run"),
     "webhook dispatcher": (Dispatcher, "run"),
-    "prune loop": (Outbox, "prune"),
-    "tick loop": (Outbox, "backlog"),
-    "outbox writer": (Outbox, "_checkpoint_due"),
+    "prune loop": (SqliteStore, "prune"),
+    "tick loop": (SqliteStore, "backlog"),
+    "outbox writer": (SqliteStore, "_checkpoint_due"),
 }
 
 
@@ -92,16 +92,16 @@ async def test_a_store_locked_at_prune_time_is_pruned_later_and_the_daemon_goes_
     await wait_until(lambda: len(receiver.delivered("hook")) == 2, what="2 delivered")
 
     failures: list[str] = []
-    original_prune = Outbox.prune
+    original_prune = SqliteStore.prune
 
-    async def watched_prune(self: Outbox, delivered_before: float) -> int:
+    async def watched_prune(self: SqliteStore, delivered_before: float) -> int:
         try:
             return await original_prune(self, delivered_before)
         except Exception as exc:
             failures.append(str(exc))
             raise
 
-    monkeypatch.setattr(Outbox, "prune", watched_prune)
+    monkeypatch.setattr(SqliteStore, "prune", watched_prune)
     locker = sqlite3.connect(tmp_path / "state" / "outbox.sqlite3", isolation_level=None)
     try:
         locker.execute("BEGIN IMMEDIATE")

@@ -327,6 +327,9 @@ class GraphEmulator:
 
         self.endpoint_requests: collections.Counter[str] = collections.Counter()
         self.connects: collections.Counter[str] = collections.Counter()
+        # The most sockets a drive ever had open at once: 1 means no two clients (replicas)
+        # ever watched it together; 2 only during a client's own make-before-break renewal.
+        self.peak_connected: collections.Counter[str] = collections.Counter()
         self.emitted: dict[str, int] = {}
         self.delta_requests: collections.Counter[str] = collections.Counter()
         self.delta_page_size = 200
@@ -663,6 +666,7 @@ class GraphEmulator:
                 "connected": self.connected(name),
                 "endpoint_requests": self.endpoint_requests[name],
                 "connects": self.connects[name],
+                "peak_connected": self.peak_connected[name],
                 "emitted": self.emitted.get(name, 0),
                 "drive_lookups": self.drive_lookups[name],
             }
@@ -753,6 +757,9 @@ class GraphEmulator:
             raise SocketIORefused("subscription expired")
         self._conns[sid] = _Connection(sub, namespace)
         self.connects[sub.resource] += 1
+        now = self.connected(sub.resource)
+        if now > self.peak_connected[sub.resource]:
+            self.peak_connected[sub.resource] = now
 
     def _payload(self, drive: _Drive, sub: _Subscription, seq: int) -> str:
         item = {

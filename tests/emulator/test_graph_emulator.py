@@ -414,6 +414,7 @@ async def test_expire_quiet_keeps_the_socket_but_sends_nothing(
                 await wait_until(lambda: len(fresh.events) == 1)
                 assert emu.connected("me") == 2
                 assert emu.connected("me", include_expired=False) == 1
+                assert emu.peak_connected["me"] == 2  # both at once, and counted so
             # Pings go on, and nothing else arrives: three rounds of them, answered.
             for _ in range(3):
                 assert await quiet.receive_str(timeout=5) == "2"
@@ -480,6 +481,7 @@ async def test_control_api_drives_the_emulator(
                     "connected": 1,
                     "endpoint_requests": 1,
                     "connects": 1,
+                    "peak_connected": 1,
                     "emitted": 2,
                     "drive_lookups": 0,
                 }

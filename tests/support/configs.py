@@ -9,6 +9,9 @@ from relayd.emulator import GraphEmulator, WebhookReceiver
 
 TOKEN = "test-token"  # what the emulator fixture accepts (tests/conftest.py)
 FAST_RETRY = {"initial_delay": 0.05, "max_delay": 0.5}
+# The store every config built here uses: support.stores.store_backend sets the URL for a test
+# that runs on PostgreSQL (None: SQLite in state_dir).
+STORE: dict[str, str | None] = {"url": None}
 
 
 def relay_document(
@@ -33,6 +36,7 @@ def relay_document(
         "admin": {"listen": ""},
         # Small, so that every test's state_dir does not write the default 16 MiB of zeros.
         "outbox": {"disk_reserve": "1MiB"},
+        **({"store": {"url": STORE["url"]}} if STORE["url"] is not None else {}),
         "accounts": {"test": {"token_file": str(token_file)}},
         "webhooks": webhooks or {"hook": {"url": receiver.url("hook"), "retry": FAST_RETRY}},
         "drives": drives

@@ -13,7 +13,7 @@ import yaml
 from relayd import cli
 from relayd.config import Config, load_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
-from relayd.outbox import Filter, Outbox, State
+from relayd.store import Filter, State, Store
 from support.configs import relay_document
 
 
@@ -39,7 +39,7 @@ def write_config(
     return path, load_config(path, env={})
 
 
-async def count(outbox: Outbox, webhook: str, state: State) -> int:
+async def count(outbox: Store, webhook: str, state: State) -> int:
     summary = await outbox.summary(Filter(webhook=webhook))
     return summary.counts.get((webhook, state), 0)
 

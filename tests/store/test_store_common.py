@@ -1,64 +1,19 @@
-"""The durable outbox used directly: real SQLite files in the test's folder."""
+"""The store's behaviour that callers rely on, on both backends (SQLite and PostgreSQL).
+
+Each test runs twice through `store_backend` (tests/support/stores.py); what it reads "on disk"
+it reads with a connection of its own, as another process would.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import os
-import sqlite3
-import threading
-import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
-from support.waiting import wait_until
+from store_rows import T0, Clock, new, result
+from support.stores import Backend
 
-from relayd.outbox import (
-    LOCK_WAIT_MS,
-    AttemptResult,
-    Delivery,
-    Filter,
-    NewDelivery,
-    Outbox,
-    OutboxError,
-    State,
-)
-
-T0 = 1_800_000_000.0  # "now" for the fake clock: a fixed Unix time
-
-
-class Clock:
-    """A clock the test moves by hand."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def new(n: int, *, webhook: str = "hook", drive: str = "d1", created: float = T0) -> NewDelivery:
-    return NewDelivery(
-        message_id=f"msg_{webhook}_{drive}_{n}",
-        webhook=webhook,
-        drive=drive,
-        body=b'{"n":%d,"text":"\xc3\xa9"}' % n,
-        created=created,
-    )
-
-
-def on_disk(path: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
-    """Read the file with a connection of our own, as another process would."""
-    connection = sqlite3.connect(path)
-    try:
-        return connection.execute(sql, params).fetchall()
-    finally:
-        connection.close()
-
-
-def result(row: Delivery, state: State, **fields: object) -> AttemptResult:
-    return AttemptResult(id=row.id, state=state, attempted_at=T0, **fields)  # type: ignore[arg-type]
+from relayd.store import AttemptResult, Filter, NewDelivery, OutboxError, State, Store
 
 
 @pytest.fixture
@@ -67,24 +22,17 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "state" / "outbox.sqlite3"
-
-
-@pytest.fixture
-async def outbox(path: Path, clock: Clock) -> AsyncIterator[Outbox]:
-    async with Outbox(path, clock=clock) as store:
+async def outbox(store_backend: Backend, clock: Clock) -> AsyncIterator[Store]:
+    async with store_backend.open(clock=clock) as store:
         yield store
 
 
-# -- writing ------------------------------------------------------------------------------------
-
-
-async def test_added_rows_are_on_disk_when_add_returns(outbox: Outbox, path: Path) -> None:
+async def test_added_rows_are_on_disk_when_add_returns(
+    outbox: Store, store_backend: Backend
+) -> None:
     await outbox.add([new(1), new(2, webhook="other")])
 
-    rows = on_disk(
-        path,
+    rows = await store_backend.query(
         "SELECT message_id, webhook, drive, body, state, attempts FROM deliveries ORDER BY id",
     )
     assert rows == [
@@ -93,7 +41,7 @@ async def test_added_rows_are_on_disk_when_add_returns(outbox: Outbox, path: Pat
     ]
 
 
-async def test_concurrent_adds_share_commits(outbox: Outbox, path: Path) -> None:
+async def test_concurrent_adds_share_commits(outbox: Store, store_backend: Backend) -> None:
     await outbox.add([new(0)])
     before = outbox.commits
     await outbox.add([new(1)])
@@ -102,13 +50,13 @@ async def test_concurrent_adds_share_commits(outbox: Outbox, path: Path) -> None
     before = outbox.commits
     await asyncio.gather(*(outbox.add([new(n)]) for n in range(2, 1002)))
 
-    assert on_disk(path, "SELECT COUNT(*) FROM deliveries") == [(1002,)]
+    assert await store_backend.query("SELECT COUNT(*) FROM deliveries") == [(1002,)]
     # 1000 callers, each told "on disk", from a handful of fsyncs rather than 1000.
     assert outbox.commits - before <= 10
 
 
 async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
-    outbox: Outbox, path: Path
+    outbox: Store, store_backend: Backend
 ) -> None:
     broken = NewDelivery(message_id="bad", webhook=None, drive="d1", body=b"{}", created=T0)  # type: ignore[arg-type]
     before = outbox.commits
@@ -119,40 +67,24 @@ async def test_a_failing_add_does_not_undo_the_others_committed_with_it(
     assert outbox.commits == before + 1  # one transaction for the three
 
     assert outcomes[0] is None
-    # Callers only ever see OutboxError; it names the file and what SQLite said.
+    # Callers only ever see OutboxError; it names the store and what the database said.
     assert isinstance(outcomes[1], OutboxError)
-    assert "NOT NULL constraint failed" in str(outcomes[1])
+    assert outbox.describe() in str(outcomes[1])
+    assert any(
+        said in str(outcomes[1])
+        for said in ("NOT NULL constraint failed", "violates not-null constraint")
+    )
     assert outcomes[2] is None
-    assert on_disk(path, "SELECT message_id FROM deliveries ORDER BY id") == [
+    assert await store_backend.query("SELECT message_id FROM deliveries ORDER BY id") == [
         ("msg_hook_d1_1",),
         ("msg_hook_d1_2",),
     ]
 
 
-async def test_a_failed_fsync_fails_the_write_naming_the_file_and_the_next_one_works(
-    outbox: Outbox, path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_a_closed_store_refuses_work_and_closing_twice_is_harmless(
+    store_backend: Backend,
 ) -> None:
-    # A disk error cannot be made to happen here: os.fsync is what reports one.
-    real_fsync = os.fsync
-
-    def failing_fsync(fd: int) -> None:
-        monkeypatch.setattr(os, "fsync", real_fsync)  # once
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(OutboxError, match=f"{path}: cannot sync the outbox to disk"):
-        await outbox.add([new(1)])
-    # The caller writes it again (the watcher does): a copy with the same webhook-id at worst.
-    await outbox.add([new(1)])
-    await outbox.add([new(2)])
-    assert {message for (message,) in on_disk(path, "SELECT message_id FROM deliveries")} == {
-        "msg_hook_d1_1",
-        "msg_hook_d1_2",
-    }
-
-
-async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: Path) -> None:
-    store = Outbox(path)
+    store = store_backend.open()
     async with store:
         pass
     await store.close()
@@ -160,87 +92,8 @@ async def test_a_closed_outbox_refuses_work_and_closing_twice_is_harmless(path: 
         await store.add([new(1)])
 
 
-# -- where transactions run ---------------------------------------------------------------------
-
-
-async def test_a_cli_holding_the_write_lock_delays_a_claim_without_blocking_the_loop(
-    outbox: Outbox, path: Path
-) -> None:
-    await outbox.add([new(1)])
-    cli = sqlite3.connect(path, isolation_level=None)
-    try:
-        cli.execute("BEGIN IMMEDIATE")  # what `relayd outbox replay` holds while it works
-        claim = asyncio.create_task(outbox.claim("hook", 10))
-        started = time.monotonic()
-        for _ in range(20):  # the writer takes its turn, and the loop goes on turning
-            await asyncio.sleep(0)
-        # The claim found the lock taken and went to wait in the outbox's thread: the event loop
-        # (every drive's socket) did not wait with it.
-        assert time.monotonic() - started < LOCK_WAIT_MS / 1000 / 2
-        assert not claim.done()
-        cli.execute("COMMIT")
-        assert [row.id for row in await asyncio.wait_for(claim, 5)] == [1]
-    finally:
-        cli.close()
-
-
-async def test_the_wal_is_copied_back_as_rows_change_so_it_stops_growing(
-    outbox: Outbox, path: Path
-) -> None:
-    wal = path.with_name(path.name + "-wal")
-    body = b"x" * 1024
-    written = 0
-    for batch in range(60):
-        await outbox.add(
-            [NewDelivery(f"msg_{batch}_{n}", "hook", "d1", body, T0) for n in range(200)]
-        )
-        claimed = await outbox.claim("hook", 200)
-        await outbox.record(result(row, State.DELIVERED) for row in claimed)
-        written += 3 * len(claimed) * len(body)  # each row written three times, at least
-
-    assert outbox.checkpoints >= 5
-    # Without checkpoints the WAL holds every version of every row; with them it is reused.
-    assert wal.stat().st_size < written / 4
-
-
-async def test_a_wal_file_that_once_grew_large_does_not_make_every_commit_checkpoint(
-    path: Path,
-) -> None:
-    """The WAL file keeps its size while SQLite writes it over from the start: checkpoints
-    follow what was written since the last one, not the file's size (a checkpoint per commit
-    cost a fifth of the relay's throughput)."""
-    async with Outbox(path, disk_reserve=256 << 10) as outbox:  # checkpoints at 128 KiB of WAL
-        big = b"x" * 8192
-        await outbox.add([NewDelivery(f"big_{n}", "hook", "d1", big, T0) for n in range(40)])
-        assert path.with_name(path.name + "-wal").stat().st_size >= 128 << 10
-        before = outbox.checkpoints
-        for n in range(100):  # small commits of a few pages each
-            await outbox.add([new(n)])
-        assert 1 <= outbox.checkpoints - before < 30
-
-
-async def test_a_store_indexed_by_an_older_relayd_is_upgraded_in_place(path: Path) -> None:
-    async with Outbox(path) as older:
-        await older.add([new(1)])
-    connection = sqlite3.connect(path)
-    connection.execute("DROP INDEX deliveries_done")
-    connection.execute("CREATE INDEX deliveries_finished ON deliveries (state, finished)")
-    connection.commit()
-    connection.close()
-
-    async with Outbox(path) as store:
-        assert (await store.summary()).counts == {("hook", State.PENDING): 1}
-    indexes = on_disk(
-        path, "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'deliveries%'"
-    )
-    assert sorted(indexes) == [("deliveries_done",), ("deliveries_queue",)]
-
-
-# -- claiming -----------------------------------------------------------------------------------
-
-
 async def test_claim_marks_rows_in_flight_and_never_hands_a_row_out_twice(
-    outbox: Outbox, path: Path
+    outbox: Store, store_backend: Backend
 ) -> None:
     await outbox.add([new(n) for n in range(20)] + [new(99, webhook="other")])
 
@@ -250,7 +103,9 @@ async def test_claim_marks_rows_in_flight_and_never_hands_a_row_out_twice(
     assert all(len(claim) <= 3 for claim in claims)
     assert len(ids) == len(set(ids)) == 20  # every row once; none of the other webhook's
     assert {row.webhook for claim in claims for row in claim} == {"hook"}
-    assert on_disk(path, "SELECT webhook, state, COUNT(*) FROM deliveries GROUP BY 1, 2") == [
+    assert await store_backend.query(
+        "SELECT webhook, state, COUNT(*) FROM deliveries GROUP BY 1, 2 ORDER BY 1, 2"
+    ) == [
         ("hook", "inflight", 20),
         ("other", "pending", 1),
     ]
@@ -262,7 +117,7 @@ async def test_claim_marks_rows_in_flight_and_never_hands_a_row_out_twice(
 
 
 async def test_claim_reads_the_store_in_batches_of_at_most_limit(
-    outbox: Outbox, clock: Clock
+    outbox: Store, clock: Clock
 ) -> None:
     await outbox.add([new(n, created=T0 - 10_000 + n) for n in range(10_000)])
 
@@ -276,7 +131,7 @@ async def test_claim_reads_the_store_in_batches_of_at_most_limit(
 
 
 async def test_ordered_claim_gives_only_the_oldest_and_nothing_while_it_is_in_flight(
-    outbox: Outbox, clock: Clock
+    outbox: Store, clock: Clock
 ) -> None:
     await outbox.add([new(n) for n in range(3)])
 
@@ -298,7 +153,7 @@ async def test_ordered_claim_gives_only_the_oldest_and_nothing_while_it_is_in_fl
 
 
 async def test_next_due_of_an_ordered_queue_is_when_its_head_can_go(
-    outbox: Outbox, clock: Clock
+    outbox: Store, clock: Clock
 ) -> None:
     """A dispatcher sleeps until next_due: for an ordered webhook that must be the head's retry
     time, not that of the rows queued behind it (due long ago, but not claimable)."""
@@ -314,7 +169,7 @@ async def test_next_due_of_an_ordered_queue_is_when_its_head_can_go(
     assert await outbox.next_due("nobody", ordered=True) is None
 
 
-async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Outbox) -> None:
+async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Store) -> None:
     await outbox.add([new(n) for n in range(10)])
     claimed = await outbox.claim("hook", 10)
     before = outbox.commits
@@ -329,7 +184,7 @@ async def test_attempt_results_arriving_one_by_one_share_commits(outbox: Outbox)
     assert (await outbox.summary()).counts == {("hook", State.DELIVERED): 10}
 
 
-async def test_a_claim_commits_the_results_waiting_before_it(outbox: Outbox) -> None:
+async def test_a_claim_commits_the_results_waiting_before_it(outbox: Store) -> None:
     await outbox.add([new(1), new(2)])
     [head] = await outbox.claim("hook", 10, ordered=True)
     # Tasks start in the order they were created: the result is queued first, waiting for
@@ -341,7 +196,7 @@ async def test_a_claim_commits_the_results_waiting_before_it(outbox: Outbox) -> 
 
 
 async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
-    outbox: Outbox, path: Path, clock: Clock
+    outbox: Store, store_backend: Backend, clock: Clock
 ) -> None:
     await outbox.add([new(n) for n in range(3)])
     delivered, dead, retry = await outbox.claim("hook", 3)
@@ -354,8 +209,7 @@ async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
         ]
     )
 
-    rows = on_disk(
-        path,
+    rows = await store_backend.query(
         "SELECT state, attempts, next_attempt, last_status, last_error, last_response, finished"
         " FROM deliveries ORDER BY id",
     )
@@ -373,32 +227,29 @@ async def test_record_moves_rows_to_delivered_dead_or_back_to_pending_when_due(
     assert (back.id, back.attempts) == (retry.id, 1)
 
 
-# -- restarts -----------------------------------------------------------------------------------
-
-
 async def test_rows_left_in_flight_by_a_crashed_run_come_back_on_the_next_start(
-    path: Path, clock: Clock
+    store_backend: Backend, clock: Clock
 ) -> None:
-    async with Outbox(path, clock=clock) as first:
+    async with store_backend.open(clock=clock) as first:
         await first.add([new(n) for n in range(3)])
         claimed = await first.claim("hook", 2)
         # The run ends without an outcome for its two attempts (killed mid-POST).
     assert len(claimed) == 2
 
-    async with Outbox(path, clock=clock) as second:
+    async with store_backend.open(clock=clock) as second:
         summary = await second.summary()
         assert summary.counts == {("hook", State.PENDING): 3}
         assert {row.id for row in await second.claim("hook", 10)} == {1, 2, 3}
 
 
 async def test_a_cli_opening_the_store_beside_the_daemon_leaves_its_rows_in_flight(
-    path: Path, clock: Clock
+    store_backend: Backend, clock: Clock
 ) -> None:
-    async with Outbox(path, clock=clock) as daemon:
+    async with store_backend.open(clock=clock) as daemon:
         await daemon.add([new(n) for n in range(3)])
         await daemon.claim("hook", 2)
 
-        async with Outbox(path, recover=False, clock=clock) as cli:
+        async with store_backend.open(recover=False, clock=clock) as cli:
             assert (await cli.summary()).counts == {
                 ("hook", State.INFLIGHT): 2,
                 ("hook", State.PENDING): 1,
@@ -408,10 +259,7 @@ async def test_a_cli_opening_the_store_beside_the_daemon_leaves_its_rows_in_flig
         assert row.id == 3
 
 
-# -- inspection and repair ----------------------------------------------------------------------
-
-
-async def dead_letters(outbox: Outbox, rows: list[NewDelivery]) -> None:
+async def dead_letters(outbox: Store, rows: list[NewDelivery]) -> None:
     await outbox.add(rows)
     for webhook in {row.webhook for row in rows}:
         claimed = await outbox.claim(webhook, len(rows))
@@ -421,7 +269,7 @@ async def dead_letters(outbox: Outbox, rows: list[NewDelivery]) -> None:
 
 
 async def test_replay_puts_the_selected_dead_rows_back_in_the_queue(
-    outbox: Outbox, clock: Clock
+    outbox: Store, clock: Clock
 ) -> None:
     hour = 3600.0
     await dead_letters(
@@ -458,7 +306,7 @@ async def test_replay_puts_the_selected_dead_rows_back_in_the_queue(
     }
 
 
-async def test_purge_deletes_only_finished_rows(outbox: Outbox) -> None:
+async def test_purge_deletes_only_finished_rows(outbox: Store) -> None:
     await dead_letters(outbox, [new(1), new(2, webhook="other")])
     await outbox.add([new(n) for n in range(3, 6)])
     delivered, in_flight = await outbox.claim("hook", 2)
@@ -477,7 +325,7 @@ async def test_purge_deletes_only_finished_rows(outbox: Outbox) -> None:
 
 
 async def test_prune_forgets_delivered_rows_finished_before_the_cutoff(
-    outbox: Outbox, path: Path
+    outbox: Store, store_backend: Backend
 ) -> None:
     await outbox.add([new(n) for n in range(4)])
     old, recent, dead, waiting = await outbox.claim("hook", 4)
@@ -491,7 +339,7 @@ async def test_prune_forgets_delivered_rows_finished_before_the_cutoff(
 
     assert await outbox.prune(T0 - 50) == 1
 
-    assert on_disk(path, "SELECT id FROM deliveries ORDER BY id") == [
+    assert await store_backend.query("SELECT id FROM deliveries ORDER BY id") == [
         (recent.id,),
         (dead.id,),
         (waiting.id,),
@@ -499,7 +347,7 @@ async def test_prune_forgets_delivered_rows_finished_before_the_cutoff(
 
 
 async def test_summary_counts_per_webhook_and_state_with_the_oldest_waiting(
-    outbox: Outbox,
+    outbox: Store,
 ) -> None:
     await dead_letters(outbox, [new(1, webhook="a", created=T0 - 500)])
     await outbox.add(
@@ -535,116 +383,14 @@ async def test_summary_counts_per_webhook_and_state_with_the_oldest_waiting(
     ]
 
 
-# -- unusable stores ----------------------------------------------------------------------------
-
-
-def outbox_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("relayd-outbox")]
-
-
-async def test_a_corrupt_file_is_refused_at_open_naming_it(path: Path) -> None:
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"this is not an outbox\x00\xff" * 500)
-    threads = len(outbox_threads())
-
-    with pytest.raises(OutboxError, match="not a usable SQLite outbox") as raised:
-        async with Outbox(path):
-            pass
-
-    assert str(path) in str(raised.value)
-    assert len(outbox_threads()) == threads  # the failed open left no worker thread behind
-
-
-async def test_an_unwritable_location_is_refused_at_open(tmp_path: Path) -> None:
-    (tmp_path / "state").write_text("a regular file where the state folder should be")
-    path = tmp_path / "state" / "outbox.sqlite3"
-
-    with pytest.raises(OutboxError, match="cannot open the outbox") as raised:
-        async with Outbox(path):
-            pass
-
-    assert str(path) in str(raised.value)
-
-
-async def test_a_store_from_a_newer_relayd_is_refused_and_left_untouched(path: Path) -> None:
-    path.parent.mkdir(parents=True)
-    connection = sqlite3.connect(path)
-    connection.execute("CREATE TABLE future (x)")
-    connection.execute("PRAGMA user_version = 99")
-    connection.commit()
-    connection.close()
-    before = path.read_bytes()
-
-    with pytest.raises(OutboxError, match="newer relayd") as raised:
-        async with Outbox(path):
-            pass
-
-    assert str(path) in str(raised.value)
-    assert "99" in str(raised.value)
-    assert path.read_bytes() == before  # not even switched to WAL
-
-
-class _Dispatcher:
-    """The dispatcher's side of a reservation (relayd.delivery's, reduced to what is seen)."""
-
-    count = 1
-
-    def __init__(self) -> None:
-        self.handed: list[Delivery] | None = None
-
-    def hand_over(self, rows: list[Delivery]) -> bool:
-        self.handed = rows
-        return True
-
-
-class _Router:
-    def __init__(self, dispatcher: _Dispatcher) -> None:
-        self._dispatcher = dispatcher
-
-    def reserve(self, webhook: str, count: int) -> _Dispatcher:
-        return self._dispatcher
-
-    def wake(self, webhook: str) -> None:
-        pass
-
-
-async def test_rows_committed_after_their_writer_stopped_waiting_still_reach_their_dispatcher(
-    path: Path,
-) -> None:
-    """A watcher stopped (cancelled) while its commit waits for a lock: the commit goes through
-    all the same, and its rows, inserted in flight for the dispatcher that reserved them, must
-    reach it rather than stay in flight for nobody until the next start."""
-    dispatcher = _Dispatcher()
-    async with Outbox(path, router=_Router(dispatcher)) as outbox:
-        cli = sqlite3.connect(path, isolation_level=None)
-        try:
-            cli.execute("BEGIN IMMEDIATE")
-            add = asyncio.create_task(outbox.add([new(1)]))
-            for _ in range(20):  # the writer takes the batch and sends it to wait in its thread
-                await asyncio.sleep(0)
-            add.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await add
-        finally:
-            cli.execute("COMMIT")
-            cli.close()
-        await wait_until(lambda: dispatcher.handed is not None, what="the rows handed over")
-    assert dispatcher.handed is not None
-    assert [row.message_id for row in dispatcher.handed] == ["msg_hook_d1_1"]
-    assert on_disk(path, "SELECT state FROM deliveries") == [("inflight",)]
-
-
-# -- drive state --------------------------------------------------------------------------------
-
-
 async def test_a_drive_id_belongs_to_its_resource_and_a_cursor_to_its_drive_id(
-    outbox: Outbox, path: Path
+    outbox: Store, store_backend: Backend
 ) -> None:
     await outbox.save_drive_id("d1", "me", "b!one")
     await outbox.save_drive_state("d1", "me", "https://graph/drives/b!one/root/delta?token=1")
     # Same resource: both kept, across a reopen.
     assert await outbox.drive_id("d1") == ("me", "b!one")
-    async with Outbox(path, recover=False) as again:
+    async with store_backend.open(recover=False) as again:
         assert await again.drive_id("d1") == ("me", "b!one")
         assert await again.drive_state("d1") == (
             "me",

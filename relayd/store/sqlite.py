@@ -1,4 +1,4 @@
-"""The durable outbox: every notification is on disk before anything else happens to it.
+"""The SQLite store (the default): every notification is on disk before anything else happens to it.
 
 A Socket.IO notification cannot be asked for again, so each one is written to SQLite (WAL mode,
 fsync on commit) as the exact body bytes that will be POSTed, one row per (notification, webhook).
@@ -28,13 +28,31 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, Protocol, Self, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
 import structlog
+
+from relayd.store.base import (
+    EVERYTHING,
+    REPLAYABLE,
+    RESENDABLE,
+    AttemptResult,
+    Backlog,
+    Delivery,
+    Fence,
+    Filter,
+    InsertPlan,
+    NewDelivery,
+    OutboxError,
+    OutboxFull,
+    Router,
+    State,
+    StoreKind,
+    Summary,
+)
 
 log = structlog.get_logger("relayd.outbox")
 
@@ -121,29 +139,6 @@ def _migrate(connection: sqlite3.Connection) -> None:
             connection.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
-class State(StrEnum):
-    PENDING = "pending"
-    INFLIGHT = "inflight"
-    DELIVERED = "delivered"
-    DEAD = "dead"
-
-
-class OutboxError(Exception):
-    """The store cannot be used (corrupt, unwritable, closed). The message names the file."""
-
-    def __init__(self, message: str, *, disk_full: bool = False) -> None:
-        super().__init__(message)
-        self.disk_full = disk_full
-
-
-class OutboxFull(OutboxError):
-    """The disk under the store is full: new notifications wait until there is room again.
-
-    Raised at once, without touching the disk: what space is left (and the reserve the outbox
-    gave up) goes to delivering what is already stored.
-    """
-
-
 def _disk_full(exc: BaseException) -> bool:
     """SQLite ran out of space (SQLITE_FULL), or a write or fsync said ENOSPC."""
     if isinstance(exc, OutboxError):
@@ -152,116 +147,6 @@ def _disk_full(exc: BaseException) -> bool:
         code = getattr(exc, "sqlite_errorcode", None)
         return code is not None and code & 0xFF == sqlite3.SQLITE_FULL
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-@dataclass(frozen=True)
-class NewDelivery:
-    message_id: str
-    webhook: str
-    drive: str
-    body: bytes
-    created: float
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """A claimed row: what a dispatcher needs to make one attempt."""
-
-    id: int
-    message_id: str
-    webhook: str
-    drive: str
-    body: bytes
-    created: float
-    retry_from: float
-    attempts: int  # attempts made before this one
-
-
-@dataclass(frozen=True)
-class AttemptResult:
-    """What one attempt came to, and what happens to the row next."""
-
-    id: int
-    state: State  # DELIVERED, DEAD, or PENDING again for a retry
-    attempted_at: float
-    next_attempt: float | None = None
-    status: int | None = None
-    error: str | None = None
-    latency: float | None = None
-    response: str | None = None
-
-
-@dataclass(frozen=True)
-class Filter:
-    """Selects rows for `outbox status|list|replay|purge`. Empty fields select everything."""
-
-    webhook: str | None = None
-    drive: str | None = None
-    state: State | None = None
-    since: float | None = None  # created at or after (Unix seconds)
-    until: float | None = None  # created before
-    ids: tuple[int, ...] = ()  # these rows only
-
-    @property
-    def narrows(self) -> bool:
-        """Whether it picks rows out at all (a state alone still reaches every webhook)."""
-        return any(
-            value is not None for value in (self.webhook, self.drive, self.since, self.until)
-        ) or bool(self.ids)
-
-    def where(self) -> tuple[str, list[Any]]:
-        clauses: list[str] = []
-        params: list[Any] = []
-        if self.ids:
-            clauses.append(f"id IN ({', '.join('?' * len(self.ids))})")
-            params.extend(self.ids)
-        for column, value in (("webhook", self.webhook), ("drive", self.drive)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                params.append(value)
-        if self.state is not None:
-            clauses.append("state = ?")
-            params.append(self.state.value)
-            if self.state in (State.DELIVERED, State.DEAD):
-                clauses.append("finished IS NOT NULL")  # always true: lets deliveries_done serve
-        if self.since is not None:
-            clauses.append("created >= ?")
-            params.append(self.since)
-        if self.until is not None:
-            clauses.append("created < ?")
-            params.append(self.until)
-        return (" AND ".join(clauses) or "1"), params
-
-
-REPLAYABLE = (State.DEAD, State.PENDING)  # what `replay` reaches: dead rows unless asked
-RESENDABLE = (
-    State.DELIVERED,
-    State.DEAD,
-)  # what `resend` reaches: finished rows, both unless asked
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """What waits in the outbox: rows per webhook (and the oldest one's creation time), rows
-    per drive that produced them, and dead letters per webhook."""
-
-    counts: dict[str, int] = field(default_factory=dict)
-    oldest: dict[str, float] = field(default_factory=dict)
-    per_drive: dict[str, int] = field(default_factory=dict)
-    dead: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Summary:
-    """Counts per (webhook, state), and the oldest pending row's creation time per webhook."""
-
-    counts: dict[tuple[str, State], int]
-    oldest_pending: dict[str, float]
-
-    def backlog(self, webhook: str) -> int:
-        return self.counts.get((webhook, State.PENDING), 0) + self.counts.get(
-            (webhook, State.INFLIGHT), 0
-        )
 
 
 _INSERT = (
@@ -319,99 +204,23 @@ class _Queued(NamedTuple):
     after: Callable[[bool, Any], None] | None = None
 
 
-class Reservation(Protocol):
-    """Room one dispatcher set aside for new rows of a commit under way.
-
-    It is bound to the dispatcher that made it, not to a webhook's name: a reload may replace
-    the webhook's dispatcher while the commit runs, and the rows must not go to a dispatcher
-    that never saw the reservation, nor to one that has stopped.
-    """
-
-    @property
-    def count(self) -> int:
-        """How many of the rows offered the dispatcher takes (1 or more)."""
-        ...
-
-    def hand_over(self, rows: list[Delivery]) -> bool:
-        """The reserved rows, committed and in flight, or [] if the commit failed. Called
-        exactly once. False: the dispatcher has stopped and took none of them."""
-        ...
-
-
-class Router(Protocol):
-    """Where new rows go once committed: the dispatchers, through the supervisor.
-
-    A dispatcher with room takes new rows straight from the commit (`reserve`, then the
-    reservation's `hand_over`): they are inserted already in flight, so no claim has to read
-    them back. The rest are inserted waiting, and the dispatcher is woken to claim them when it
-    has room. Rows a stopped dispatcher refuses go back to waiting, and its webhook is woken.
-    """
-
-    def reserve(self, webhook: str, count: int) -> Reservation | None:
-        """Room for up to `count` new rows in the webhook's dispatcher, or None for none."""
-        ...
-
-    def wake(self, webhook: str) -> None:
-        """Rows are waiting in the store for the webhook's dispatcher to claim."""
-        ...
-
-
-@dataclass
-class _Insert:
-    """New rows split into those handed straight to a dispatcher and those left waiting."""
-
-    claimed: list[tuple[Reservation, list[NewDelivery]]]
-    waiting: list[NewDelivery]
-
-    @classmethod
-    def plan(cls, deliveries: Sequence[NewDelivery], router: Router | None) -> _Insert:
-        by_webhook: dict[str, list[NewDelivery]] = {}
-        for delivery in deliveries:
-            by_webhook.setdefault(delivery.webhook, []).append(delivery)
-        claimed: list[tuple[Reservation, list[NewDelivery]]] = []
-        waiting: list[NewDelivery] = []
-        for webhook, rows in by_webhook.items():
-            reservation = router.reserve(webhook, len(rows)) if router is not None else None
-            taken = 0 if reservation is None else max(0, min(reservation.count, len(rows)))
-            if reservation is not None:
-                claimed.append((reservation, rows[:taken]))
-            waiting += rows[taken:]
-        return cls(claimed, waiting)
-
-    def run(self, connection: sqlite3.Connection) -> list[list[Delivery]]:
-        """Insert the rows; return the claimed ones as deliveries (they need their ids), one
-        list per reservation."""
-        if self.waiting:
-            connection.executemany(_INSERT, [_values(d, State.PENDING) for d in self.waiting])
-        handed: list[list[Delivery]] = []
-        for _, rows in self.claimed:
-            deliveries: list[Delivery] = []
-            for d in rows:
-                (row_id,) = connection.execute(
-                    _INSERT + " RETURNING id", _values(d, State.INFLIGHT)
-                ).fetchone()
-                deliveries.append(
-                    Delivery(
-                        row_id, d.message_id, d.webhook, d.drive, d.body, d.created, d.created, 0
-                    )
-                )
-            handed.append(deliveries)
-        return handed
-
-    def announce(
-        self, router: Router | None, handed: list[list[Delivery]] | None
-    ) -> list[Delivery]:
-        """After the commit (handed) or its failure (None): tell the dispatchers. Returns the
-        rows a stopped dispatcher refused: committed in flight, and nobody's until put back."""
-        refused: list[Delivery] = []
-        for index, (reservation, _) in enumerate(self.claimed):
-            rows = handed[index] if handed is not None else []
-            if not reservation.hand_over(rows):
-                refused += rows
-        if router is not None and handed is not None:
-            for webhook in {d.webhook for d in self.waiting}:
-                router.wake(webhook)
-        return refused
+def _run_insert(plan: InsertPlan, connection: sqlite3.Connection) -> list[list[Delivery]]:
+    """Insert the rows; return the claimed ones as deliveries (they need their ids), one
+    list per reservation."""
+    if plan.waiting:
+        connection.executemany(_INSERT, [_values(d, State.PENDING) for d in plan.waiting])
+    handed: list[list[Delivery]] = []
+    for _, rows in plan.claimed:
+        deliveries: list[Delivery] = []
+        for d in rows:
+            (row_id,) = connection.execute(
+                _INSERT + " RETURNING id", _values(d, State.INFLIGHT)
+            ).fetchone()
+            deliveries.append(
+                Delivery(row_id, d.message_id, d.webhook, d.drive, d.body, d.created, d.created, 0)
+            )
+        handed.append(deliveries)
+    return handed
 
 
 def _back_to_pending(ids: Iterable[int]) -> Operation:
@@ -442,8 +251,13 @@ def _due_now_if_beyond(
     )
 
 
-class Outbox:
-    """`async with Outbox(path) as outbox:` opens the store and owns its writer task."""
+class SqliteStore:
+    """`async with SqliteStore(path) as store:` opens the store and owns its writer task.
+
+    One process per state_dir (the supervisor's lock): fences are accepted and ignored.
+    """
+
+    kind: StoreKind = "sqlite"
 
     def __init__(
         self,
@@ -489,6 +303,9 @@ class Outbox:
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
         self.checkpoints = 0  # WAL checkpoints the writer ran
+
+    def describe(self) -> str:
+        return str(self.path)
 
     @property
     def healthy(self) -> bool:
@@ -938,7 +755,7 @@ class Outbox:
 
     # -- the daemon's operations -----------------------------------------------------------------
 
-    async def add(self, deliveries: Sequence[NewDelivery]) -> None:
+    async def add(self, deliveries: Sequence[NewDelivery], *, fence: Fence | None = None) -> None:
         """Returns once the rows are committed to disk."""
         if deliveries:
             await self._insert(deliveries, None)
@@ -954,10 +771,10 @@ class Outbox:
                 f"{self.path}: the disk is full; new notifications wait until there is room",
                 disk_full=True,
             )
-        plan = _Insert.plan(deliveries, self._router)
+        plan = InsertPlan.plan(deliveries, self._router)
 
         def insert(connection: sqlite3.Connection) -> list[list[Delivery]]:
-            handed = plan.run(connection)
+            handed = _run_insert(plan, connection)
             if also is not None:
                 also(connection)
             return handed
@@ -1194,6 +1011,8 @@ class Outbox:
         resource: str,
         cursor: str | None,
         deliveries: Sequence[NewDelivery] = (),
+        *,
+        fence: Fence | None = None,
     ) -> None:
         """Remember a drive's cursor, together with the deliveries it produced, atomically.
 
@@ -1247,7 +1066,7 @@ class Outbox:
 
     # -- inspection and repair (the `relayd outbox` commands; safe beside a running daemon) -----
 
-    async def summary(self, selection: Filter = Filter()) -> Summary:
+    async def summary(self, selection: Filter = EVERYTHING) -> Summary:
         where, params = selection.where()
 
         def query(connection: sqlite3.Connection) -> Summary:
@@ -1317,7 +1136,9 @@ class Outbox:
 
         return await self._submit(query, heavy=True)
 
-    async def rows(self, selection: Filter = Filter(), *, limit: int = 100) -> list[dict[str, Any]]:
+    async def rows(
+        self, selection: Filter = EVERYTHING, *, limit: int = 100
+    ) -> list[dict[str, Any]]:
         """Rows without their bodies, newest first, for `relayd outbox list`."""
         where, params = selection.where()
 
