@@ -59,6 +59,7 @@ from relayd.store.base import (
     StoreKind,
     Summary,
 )
+from relayd.store.batching import CommitQueue
 
 log = structlog.get_logger("relayd.outbox")
 
@@ -78,9 +79,6 @@ CLOSING_CONNECT_TIMEOUT = 2.0
 COMMAND_TIMEOUT = 60.0  # a statement that takes longer is a server in trouble: fail the commit
 RECONNECT_FIRST = 0.1  # the backoff between connection attempts doubles from here
 RECONNECT_MAX = 5.0
-# Attempt results nobody waits on may wait this long (or for this many to queue) for company.
-DEFER_SECONDS = 0.005
-DEFER_MAX = 32
 # The advisory lock migrations run under (any constant; "relayd" in ASCII).
 MIGRATION_LOCK = 0x72656C617964
 
@@ -288,11 +286,7 @@ class PostgresStore:
         self._retry_at = 0.0  # monotonic: no connection attempt before then
         self._backoff = RECONNECT_FIRST
         self._connect_error: OutboxError | None = None
-        self._queue: list[_Queued] = []
-        self._wake = asyncio.Event()
-        self._flush_now = False
-        self._flush_timer: asyncio.TimerHandle | None = None
-        self._closing = False
+        self._commits: CommitQueue[_Queued] = CommitQueue()
         self._tasks: list[asyncio.Task[None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._held: set[int] = set()  # rows in flight that a dispatcher of this process holds
@@ -344,8 +338,7 @@ class PostgresStore:
 
     async def close(self) -> None:
         """Commit what is queued, then close. Safe to call twice."""
-        self._closing = True
-        self._wake.set()
+        self._commits.close()
         helpers = [task for task in self._tasks if task is not self._writer]
         for task in helpers:
             task.cancel()
@@ -437,36 +430,17 @@ class PostgresStore:
         after: Callable[[bool, Any], None] | None = None,
     ) -> T:
         """Run `operation` in the next group commit (see the SQLite store's `_submit`)."""
-        if self._closing or self._writer is None:
+        if self._commits.closing or self._writer is None:
             error = OutboxError(f"{self.location}: the store is closed")
             if after is not None:
                 after(False, error)
             raise error
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(operation, future, durable, after))
-        if not deferrable or len(self._queue) >= DEFER_MAX:
-            self._flush()
-        elif self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(DEFER_SECONDS, self._flush)
+        self._commits.put(_Queued(operation, future, durable, after), deferrable=deferrable)
         return await future
 
-    def _flush(self) -> None:
-        self._flush_now = True
-        self._wake.set()
-
     async def _write_loop(self) -> None:
-        while True:
-            if not self._queue and self._closing:
-                return
-            if not (self._queue and (self._flush_now or self._closing)):
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            self._flush_now = False
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-                self._flush_timer = None
-            batch, self._queue = self._queue, []
+        while (batch := await self._commits.next_batch()) is not None:
             try:
                 # Shielded: a cancelled writer still learns how the transaction ended.
                 await asyncio.shield(self._commit(batch))
@@ -489,7 +463,7 @@ class PostgresStore:
             # Closing: the stop must not wait long for a server that is away. What cannot be
             # committed fails, and its callers say so (a watcher counts what it could not store).
             connection = await self._connect(
-                CLOSING_CONNECT_TIMEOUT if self._closing else CONNECT_TIMEOUT
+                CLOSING_CONNECT_TIMEOUT if self._commits.closing else CONNECT_TIMEOUT
             )
         except OutboxError as exc:
             self._connect_error = exc
@@ -740,8 +714,7 @@ class PostgresStore:
 
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
-        self._queue.append(_Queued(_back_to_pending(ids), future, False, woken))
-        self._flush()
+        self._commits.put(_Queued(_back_to_pending(ids), future, False, woken))
 
     async def claim(self, webhook: str, limit: int, *, ordered: bool = False) -> list[Delivery]:
         """Take up to `limit` due rows, in flight for this replica until its deadline.

@@ -53,6 +53,7 @@ from relayd.store.base import (
     StoreKind,
     Summary,
 )
+from relayd.store.batching import CommitQueue
 
 log = structlog.get_logger("relayd.outbox")
 
@@ -63,10 +64,6 @@ Operation = Callable[[sqlite3.Connection], Any]
 # relayd's row sizes, about what SQLite's own default of 1,000 pages allows.
 CHECKPOINT_AFTER_CHANGES = 2000
 LOCK_WAIT_MS = 10_000  # how long a transaction in the thread waits for a CLI command's write
-# Attempt results nobody waits on may wait this long (or for this many to queue, or for any other
-# operation) to share a commit, rather than each take one of its own.
-DEFER_SECONDS = 0.005
-DEFER_MAX = 32
 # New rows inserted at once beyond which the commit runs in the thread (a delta page can be
 # hundreds of items): the loop never stalls for more than a few milliseconds.
 INLINE_ROWS = 64
@@ -289,12 +286,8 @@ class SqliteStore:
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relayd-outbox")
         self._connection: sqlite3.Connection | None = None
-        self._queue: list[_Queued] = []
-        self._wake = asyncio.Event()
+        self._commits: CommitQueue[_Queued] = CommitQueue()
         self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        self._flush_now = False  # the queue holds an operation that should not wait
-        self._flush_timer: asyncio.TimerHandle | None = None  # ends a deferred operation's wait
         self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
         # Where frames written since the last checkpoint start in the WAL file: its size then,
         # or 0 once SQLite has started the WAL over (see _checkpoint_due).
@@ -333,8 +326,7 @@ class SqliteStore:
 
     async def close(self) -> None:
         """Commit what is queued, then close. Safe to call twice."""
-        self._closing = True
-        self._wake.set()
+        self._commits.close()
         if self._writer is not None:
             try:
                 await self._writer
@@ -498,39 +490,19 @@ class SqliteStore:
         recovered at start, a lost "delivered" mark means one more delivery, which receivers
         dedupe on webhook-id. WAL keeps commits in order either way, and the next fsync covers
         every commit before it. `heavy` operations may read or change much of the table.
-        `deferrable` ones wait up to DEFER_SECONDS for company (see `record`).
+        `deferrable` ones wait a few milliseconds for company (see `record`).
         """
-        if self._closing or self._writer is None:
+        if self._commits.closing or self._writer is None:
             error = OutboxError(f"{self.path}: the outbox is closed")
             if after is not None:
                 after(False, error)
             raise error
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(operation, future, durable, heavy, after))
-        if not deferrable or len(self._queue) >= DEFER_MAX:
-            self._flush()
-        elif self._flush_timer is None:
-            self._flush_timer = asyncio.get_running_loop().call_later(DEFER_SECONDS, self._flush)
+        self._commits.put(_Queued(operation, future, durable, heavy, after), deferrable=deferrable)
         return await future
 
-    def _flush(self) -> None:
-        """Commit what is queued as soon as the writer can."""
-        self._flush_now = True
-        self._wake.set()
-
     async def _write_loop(self) -> None:
-        while True:
-            if not self._queue and self._closing:
-                return
-            if not (self._queue and (self._flush_now or self._closing)):
-                await self._wake.wait()
-                self._wake.clear()
-                continue
-            self._flush_now = False
-            if self._flush_timer is not None:
-                self._flush_timer.cancel()
-                self._flush_timer = None
-            batch, self._queue = self._queue, []
+        while (batch := await self._commits.next_batch()) is not None:
             try:
                 await self._commit(
                     batch,
@@ -812,8 +784,7 @@ class SqliteStore:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         future.add_done_callback(lambda done: done.cancelled() or done.exception())
         operation = _back_to_pending(row.id for row in refused)
-        self._queue.append(_Queued(operation, future, False, False, woken))
-        self._flush()
+        self._commits.put(_Queued(operation, future, False, False, woken))
 
     async def _room_again(self) -> bool:
         """While full, at most once a second: is there room (and the reserve back) now?"""
