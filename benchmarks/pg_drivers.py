@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import asyncpg
 import psycopg
-from support.postgres import PostgresServer
+from support.postgres import running_server
 
 TABLE = """
 CREATE TABLE deliveries (
@@ -154,17 +154,12 @@ async def run_psycopg(url: str, rows: int, batch: int, trips: int) -> dict[str, 
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    server = PostgresServer()
-    try:
-        server.init()
-        server.start()
+    with running_server() as server:
         url = server.create_database("bench")
         results: dict[str, dict[str, float]] = {}
         for name, run in (("asyncpg", run_asyncpg), ("psycopg", run_psycopg)) * 2:
             # Each twice, alternating: the second round is the one reported (caches warm).
             results[name] = await run(url, args.rows, args.batch, args.round_trips)
-    finally:
-        server.close()
     a, p = results["asyncpg"], results["psycopg"]
     return {
         "settings": vars(args),

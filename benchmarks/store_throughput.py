@@ -36,13 +36,12 @@ from benchkit import (
     relay_command,
     rounded,
     table,
-    wait_until,
     write_config,
 )
-from throughput import CONNECT_TIMEOUT, Bench, PipelineResult
+from throughput import Bench, PipelineResult, run_child
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from support.postgres import PostgresServer
+from support.postgres import running_server
 
 from relayd.emulator import GraphEmulator, WebhookReceiver
 
@@ -71,36 +70,16 @@ def relay_child(
 async def run_relay(
     store: str, bench: Bench, receiver: WebhookReceiver, workdir: Path, secret: str, url: str
 ) -> PipelineResult:
-    args = bench.args
     child, resource = relay_child(store, bench, receiver, workdir, secret, url)
-    result = PipelineResult(store)
-    async with child:
-        await wait_until(
-            lambda: bench.emulator.connected(resource) >= 1,
-            timeout=CONNECT_TIMEOUT,
-            what=f"the relay on {store} to connect",
-            alive=child,
-            interval=0.05,
-        )
-        if args.warmup:
-            await bench.phase(child, resource, store, args.warmup, None)
-        for _ in range(args.rounds):
-            result.bursts.append(await bench.phase(child, resource, store, args.burst, None))
-        if args.paced_seconds > 0:
-            count = max(1, round(args.paced_rate * args.paced_seconds))
-            result.paced = await bench.phase(child, resource, store, count, args.paced_rate)
-    return result
+    return await run_child(store, bench, child, resource)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     raise_nofile(4096)
     secret = new_secret()
     counter = PathCounter()
-    server = PostgresServer()
     results: list[PipelineResult] = []
-    try:
-        server.init()
-        server.start()
+    with running_server() as server:
         url = server.create_database("relayd_bench")
         with tempfile.TemporaryDirectory(prefix="relayd-bench-") as tmp:
             async with (
@@ -110,8 +89,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 bench = Bench(emulator, counter, args)
                 for store in STORES:
                     results.append(await run_relay(store, bench, receiver, Path(tmp), secret, url))
-    finally:
-        server.close()
     return report(args, results)
 
 

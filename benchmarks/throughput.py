@@ -265,8 +265,13 @@ def pipeline_child(
 async def run_pipeline(
     name: str, bench: Bench, receiver: WebhookReceiver, workdir: Path, secret: str
 ) -> PipelineResult:
-    args = bench.args
     child, resource = pipeline_child(name, bench, receiver, workdir, secret)
+    return await run_child(name, bench, child, resource)
+
+
+async def run_child(name: str, bench: Bench, child: Child, resource: str) -> PipelineResult:
+    """Connect the child's drive, then its warm-up, bursts and paced phase."""
+    args = bench.args
     result = PipelineResult(name)
     async with child:
         await wait_until(

@@ -32,6 +32,7 @@ __all__ = [
     "own_postgres_server",
     "postgres_server",
     "postgres_url",
+    "running_server",
 ]
 
 SUPERUSER = "relayd"
@@ -196,9 +197,9 @@ class PostgresServer:
         return result.stdout.strip()
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One server per test process, shared by its tests (each in its own database)."""
+@contextlib.contextmanager
+def running_server() -> Iterator[PostgresServer]:
+    """A new server, initialised and started; stopped and deleted at the end."""
     server = PostgresServer()
     try:
         server.init()
@@ -206,6 +207,13 @@ def postgres_server() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One server per test process, shared by its tests (each in its own database)."""
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture
@@ -217,10 +225,5 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 @pytest.fixture
 def own_postgres_server() -> Iterator[PostgresServer]:
     """A server for this test alone: for tests that stop, crash or restart it."""
-    server = PostgresServer()
-    try:
-        server.init()
-        server.start()
+    with running_server() as server:
         yield server
-    finally:
-        server.close()
