@@ -329,3 +329,50 @@ class Store(Protocol):
     async def resend(self, selection: Filter, *, dry_run: bool = False) -> int: ...
 
     async def purge(self, selection: Filter, *, dry_run: bool = False) -> int: ...
+
+
+def result_rows(results: Sequence[AttemptResult]) -> list[tuple[Any, ...]]:
+    """Each result as the row update both stores make: (state, next_attempt, last_attempt,
+    last_status, last_error, last_latency, last_response, finished, id)."""
+    return [
+        (
+            r.state.value,
+            r.next_attempt if r.next_attempt is not None else r.attempted_at,
+            r.attempted_at,
+            r.status,
+            r.error,
+            r.latency,
+            r.response,
+            r.attempted_at if r.state in (State.DELIVERED, State.DEAD) else None,
+            r.id,
+        )
+        for r in results
+    ]
+
+
+def failed_attempt_rows(results: Sequence[AttemptResult]) -> list[tuple[Any, ...]]:
+    """The attempts table's rows for the results that were not a delivery (a successful
+    attempt is recorded on its row alone): (delivery_id, at, status, error, latency, response)."""
+    return [
+        (r.id, r.attempted_at, r.status, r.error, r.latency, r.response)
+        for r in results
+        if r.state is not State.DELIVERED
+    ]
+
+
+def with_attempt_log(row: dict[str, Any], failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """`relayd outbox show`'s row: its failed attempts, then the delivery itself (which the
+    attempts table does not hold: a success is recorded on the row alone)."""
+    attempts = list(failed)
+    if row["state"] == State.DELIVERED.value and row["last_attempt"] is not None:
+        attempts.append(
+            {
+                "at": row["last_attempt"],
+                "status": row["last_status"],
+                "error": row["last_error"],
+                "latency": row["last_latency"],
+                "response": row["last_response"],
+            }
+        )
+    row["attempt_log"] = attempts
+    return row

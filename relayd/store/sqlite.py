@@ -52,6 +52,9 @@ from relayd.store.base import (
     State,
     StoreKind,
     Summary,
+    failed_attempt_rows,
+    result_rows,
+    with_attempt_log,
 )
 from relayd.store.batching import CommitQueue
 
@@ -881,26 +884,7 @@ class SqliteStore:
     async def record(self, results: Iterable[AttemptResult]) -> None:
         """Store what attempts came to: delivered, dead, or pending again with a next attempt."""
         results = list(results)
-        rows = [
-            (
-                r.state.value,
-                r.next_attempt if r.next_attempt is not None else r.attempted_at,
-                r.attempted_at,
-                r.status,
-                r.error,
-                r.latency,
-                r.response,
-                r.attempted_at if r.state in (State.DELIVERED, State.DEAD) else None,
-                r.id,
-            )
-            for r in results
-        ]
-
-        failed = [
-            (r.id, r.attempted_at, r.status, r.error, r.latency, r.response)
-            for r in results
-            if r.state is not State.DELIVERED
-        ]
+        rows, failed = result_rows(results), failed_attempt_rows(results)
 
         def update(connection: sqlite3.Connection) -> None:
             connection.executemany(
@@ -1077,18 +1061,7 @@ class SqliteStore:
                     (row_id,),
                 )
             ]
-            if row["state"] == State.DELIVERED.value and row["last_attempt"] is not None:
-                attempts.append(
-                    {
-                        "at": row["last_attempt"],
-                        "status": row["last_status"],
-                        "error": row["last_error"],
-                        "latency": row["last_latency"],
-                        "response": row["last_response"],
-                    }
-                )
-            row["attempt_log"] = attempts
-            return row
+            return with_attempt_log(row, attempts)
 
         return await self._submit(query)
 
