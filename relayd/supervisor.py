@@ -269,7 +269,7 @@ class Supervisor:
                 loop=eventloop.running(),
                 config=str(self.config_path) if self.config_path else None,
                 state_dir=str(config.state_dir),
-                store=f"{self.outbox.kind} {self.outbox.describe()}" if self.outbox else None,
+                store=_store_line(self.outbox) if self.outbox else None,
                 admin=f"http://{config.admin.listen}" if config.admin.enabled else "off",
                 drives=len(self.watchers),
                 webhooks=len(self.dispatchers),
@@ -704,3 +704,10 @@ async def _finish(tasks: list[asyncio.Task[None]], within: float) -> None:
         task.cancel()
     if late:
         await asyncio.wait(late)
+
+
+def _store_line(store: Store) -> str:
+    """The start line's store: "sqlite /path/outbox.sqlite3", or the URL (log-safe), which names
+    PostgreSQL already."""
+    where = store.describe()
+    return where if where.startswith(store.kind) else f"{store.kind} {where}"
