@@ -32,6 +32,8 @@ _log = structlog.get_logger("relayd.push")
 # Engine.IO's packet types, as its codec names them.
 _OPEN = str(engineio.packet.OPEN)
 _CLOSE = str(engineio.packet.CLOSE)
+# How long a socket being replaced is still read for what the server sent before the leave.
+DRAIN_LIMIT = 0.25
 _PING = str(engineio.packet.PING)
 _MESSAGE = str(engineio.packet.MESSAGE)
 _NOOP = str(engineio.packet.NOOP)
@@ -327,9 +329,15 @@ class PushSocket:
         else:
             self._arm()
 
-    async def close(self, timeout: float) -> None:
+    async def close(self, timeout: float, drain: EventHandler | None = None) -> None:
         """Leave the namespace and close the WebSocket, within `timeout` seconds; never raises
-        for a line that is already gone."""
+        for a line that is already gone.
+
+        `drain`: hand on the events the server sent before it saw the leave, until it ends the
+        session. A switch-over needs that: a notification sent just before the fresh socket
+        joined travels on this one alone, and aiohttp's close() discards whatever arrives while
+        it waits for the server's closing frame.
+        """
         if self._closed:
             return
         self._closed = True
@@ -338,7 +346,29 @@ class PushSocket:
                 if not self._ws.closed:
                     with contextlib.suppress(OSError, aiohttp.ClientError, RuntimeError):
                         await self._ws.send_str(leave_packet(self.namespace))
+                        if drain is not None:
+                            await self._ws.send_str(_CLOSE)  # the session ends after the leave
+                            # Bounded on its own: what was sent before the leave arrives within
+                            # a round trip; a server slow to end the session must not hold the
+                            # switch-over (the fresh socket is not read meanwhile).
+                            with contextlib.suppress(TimeoutError):
+                                async with asyncio.timeout(DRAIN_LIMIT):
+                                    await self._drain(drain)
                 await self._ws.close()
+
+    async def _drain(self, on_event: EventHandler) -> None:
+        """Read what is still on the line until the server closes it, handing events on."""
+        while True:
+            message = await self._ws.receive()
+            if message.type is aiohttp.WSMsgType.BINARY:
+                continue
+            if message.type is not aiohttp.WSMsgType.TEXT:
+                return
+            frame = read_frame(message.data, self.namespace)
+            if frame.kind in ("event", "malformed"):
+                await on_event(frame)
+            elif frame.kind in ("left", "close"):
+                return
 
 
 def _closed_reason(message: aiohttp.WSMessage, ws: aiohttp.ClientWebSocketResponse) -> str:

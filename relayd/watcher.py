@@ -596,7 +596,7 @@ class DriveWatcher:
         if fresh is None:
             return current
         self.status.renewals += 1
-        await current.close()
+        await current.close(drain=True)
         self.log.info("endpoint renewed")
         self._connected("renewal")
         return fresh
@@ -831,7 +831,10 @@ class _Connection:
             self.lost_reason = reason
             self.wake("lost")
 
-    async def close(self) -> None:
+    async def close(self, *, drain: bool = False) -> None:
+        """Close the socket. `drain` (a switch-over): first hand on what the server sent before
+        it saw the leave; the fresh socket is not read meanwhile, so order holds, and what both
+        sockets brought is dropped as a copy."""
         if self._closed:
             return
         self._closed = True
@@ -839,7 +842,7 @@ class _Connection:
         self._watcher._live.remove(self)
         self.mark_lost("closed by relayd")
         if self._socket is not None:
-            await self._socket.close(CLOSE_TIMEOUT * 2)
+            await self._socket.close(CLOSE_TIMEOUT * 2, self._on_frame if drain else None)
         if self._own_session is not None:
             await self._own_session.close()
 
