@@ -21,7 +21,9 @@ DRIVES = 2000
 BUDGET = 1200
 
 
-@pytest.mark.timeout(150)
+# 66 s of requests by design, plus the start and stop of 2,000 drives in a process that shares two
+# cores with three other test processes: the bound is a safety net, not a measure.
+@pytest.mark.timeout(240)
 async def test_2000_drives_starting_never_exceed_the_budget_in_any_minute(
     tmp_path: Path, receiver: WebhookReceiver
 ) -> None:
