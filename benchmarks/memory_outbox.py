@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Self
 
 from relayd.store import (
+    OUTBOX_FILE,
     AttemptResult,
     Backlog,
     Delivery,
@@ -291,4 +292,4 @@ def open_memory_store(
 ) -> MemoryOutbox:
     """`relayd.store.open_store`'s stand-in: what `relay_runner.py --memory` patches in as
     `relayd.supervisor.open_store`, the name the supervisor opens its store with."""
-    return MemoryOutbox(state_dir / "outbox.sqlite3", recover=recover, router=router, clock=clock)
+    return MemoryOutbox(state_dir / OUTBOX_FILE, recover=recover, router=router, clock=clock)

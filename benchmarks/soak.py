@@ -62,12 +62,12 @@ from benchkit import (
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest, ScriptedResponse
 from relayd.signing import decode_secret, sign
+from relayd.store import OUTBOX_FILE
 
 # tests/support/small_disk.py is shared with the test suite; it is imported from there.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.small_disk import SmallDisk
 
-OUTBOX_FILE = "outbox.sqlite3"
 PLAIN, SIGNED = "plain", "signed"
 WEBHOOKS = (PLAIN, SIGNED)
 FAST_RETRY = {"initial_delay": 0.1, "max_delay": 1.0}

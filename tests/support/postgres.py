@@ -28,7 +28,6 @@ import pytest
 
 __all__ = [
     "PostgresServer",
-    "find_bindir",
     "own_postgres_server",
     "postgres_server",
     "postgres_url",
