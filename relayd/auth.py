@@ -36,6 +36,7 @@ import structlog
 
 from relayd.config import AccountConfig
 from relayd.logs import TOKEN_ALPHABET, mask_opaque
+from relayd.waiting import within
 
 log = structlog.get_logger("relayd.auth")
 
@@ -293,7 +294,7 @@ class CommandTokenProvider(_CachingProvider):
                 try:
                     # Killed, so its exit is a moment away: waiting for it lets asyncio reap the
                     # command before its transport is closed (no zombie, no ResourceWarning).
-                    await asyncio.wait_for(asyncio.shield(output.exited), KILL_GRACE)
+                    await within(asyncio.shield(output.exited), KILL_GRACE)
                 finally:
                     transport.close()
             raise
@@ -302,17 +303,17 @@ class CommandTokenProvider(_CachingProvider):
     async def _wait(self, output: _CommandOutput, pgid: int) -> None:
         """Wait for the command's exit (bounded by the timeout), then briefly for its pipes."""
         try:
-            await asyncio.wait_for(asyncio.shield(output.exited), self._timeout)
+            await within(asyncio.shield(output.exited), self._timeout)
         except TimeoutError:
             _kill_group(pgid)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(output.exited), KILL_GRACE)
+                await within(asyncio.shield(output.exited), KILL_GRACE)
             raise AuthError(
                 f"account {self.account!r}: token_command took longer than "
                 f"{self._timeout:g}s and was killed"
             ) from None
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(output.pipes_closed), PIPE_GRACE)
+            await within(asyncio.shield(output.pipes_closed), PIPE_GRACE)
 
     def _result(self, output: _CommandOutput, returncode: int | None) -> str:
         if returncode != 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -27,6 +26,7 @@ from relayd.network import describe_connection_error
 from relayd.outage import Outage, Report, log_report
 from relayd.signing import decode_secret, signature_headers
 from relayd.store import AttemptResult, Delivery, OutboxError, State, Store
+from relayd.waiting import wait_event
 
 log = structlog.get_logger("relayd.delivery")
 
@@ -257,8 +257,7 @@ class Dispatcher:
             try:
                 # Rows reserved in commits under way are ours: once those end, they are in
                 # `_ready` and the drain puts them back with the rest.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._settled.wait(), RESERVATION_WAIT)
+                await wait_event(self._settled, RESERVATION_WAIT)
             finally:
                 self._accepting = False
             await self._drain(grace)
@@ -308,9 +307,7 @@ class Dispatcher:
         timeout = IDLE_POLL
         if self._next_due is not None:
             timeout = min(timeout, max(0.0, self._next_due - self._clock()))
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
+        if not await wait_event(self._wake, timeout):
             # A retry came due, or `relayd outbox replay` (another process) queued rows: look.
             self._store_has_due = True
             self._next_due = None

@@ -19,7 +19,6 @@ last in their tenant's line (relayd/tenant.py): nothing says anything changed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -35,6 +34,7 @@ from relayd.events import changes_deliveries, resync_deliveries
 from relayd.graph import GraphClient, GraphError, InvalidGraphResponse, retry_delay
 from relayd.store import Fence, Fenced, NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
+from relayd.waiting import wait_event
 
 OUTBOX_RETRY = 1.0
 # The safety-net poll comes due after poll_interval less up to this fraction of it, drawn anew
@@ -237,8 +237,7 @@ class ChangeFeed:
             now = time.monotonic()
             if due is None or due > now:
                 timeout = None if due is None else due - now
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                await wait_event(self._wake, timeout)
                 self._wake.clear()
                 continue
             reason = self._take_due(now)

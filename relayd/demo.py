@@ -7,7 +7,6 @@ then has the emulator emit a notification every `interval` seconds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from relayd.config import parse_config
 from relayd.emulator import GraphEmulator, WebhookReceiver
 from relayd.emulator.receiver import ReceivedRequest
 from relayd.signing import decode_secret, verify
+from relayd.waiting import wait_event
 
 DEMO_TOKEN = "demo-token"
 DEMO_SECRET = "whsec_ZGVtby1zZWNyZXQtZm9yLXJlbGF5ZC1kZW1vLW9ubHk="
@@ -92,5 +92,4 @@ async def _emit(
         if count and len(receiver.delivered("hook")) >= count:
             shutdown.set()
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(shutdown.wait(), interval)
+        await wait_event(shutdown, interval)

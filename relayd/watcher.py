@@ -51,6 +51,7 @@ from relayd.outage import Outage, Report, log_report
 from relayd.push import Frame, LineLost, PingTimes, ProtocolError, PushSocket, Refused
 from relayd.store import Fence, Fenced, NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
+from relayd.waiting import wait_event
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
 RENEW_MARGIN = 120.0
@@ -255,8 +256,7 @@ class Inbox:
             if left <= 0:
                 return False
             self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), left)
+            await wait_event(self._changed, left)
         return True
 
 
@@ -478,8 +478,7 @@ class DriveWatcher:
                 await current.close()
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await wait_event(self._stopping, seconds)
 
     async def _retrying(self, action: Callable[[], Awaitable[T]]) -> T | None:
         """Run `action` until it succeeds, with backoff, for as long as the drive is configured;

@@ -32,6 +32,7 @@ from relayd.cluster.coordinator import (
 )
 from relayd.cluster.placement import margin_for, plan, safe_until
 from relayd.store.base import Fence
+from relayd.waiting import wait_event
 
 __all__ = ["ClusterMember", "Holder", "Lease"]
 
@@ -227,8 +228,7 @@ class ClusterMember:
             earliest = min(earliest, self._recheck_at)
         delay = min(moment, earliest) - self.clock()
         if delay > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            await wait_event(self._wake, delay)
         self._wake.clear()
 
     # -- leaving ---------------------------------------------------------------------------------

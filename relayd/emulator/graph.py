@@ -45,6 +45,7 @@ from socketio.exceptions import ConnectionRefusedError as SocketIORefused
 
 from relayd.emulator.delta import ChangeLog, InjectedDeltaError, answer_delta
 from relayd.emulator.tls import LOOPBACK_NAMES, throwaway_ca
+from relayd.waiting import wait_event
 
 __all__ = ["EmulatedSite", "GraphEmulator", "GraphRequest", "main"]
 
@@ -432,11 +433,15 @@ class GraphEmulator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._expiry_task
             self._expiry_task = None
-        for sid, conn in list(self._conns.items()):
-            await self._close_socket(sid, conn)
+        # All at once: a socket whose client vanished (kill -9) can cost the whole close grace,
+        # and 2,000 of them one after another would cost 2,000 graces.
+        async with asyncio.TaskGroup() as closing:
+            for sid, conn in list(self._conns.items()):
+                closing.create_task(self._close_socket(sid, conn))
         eio = self._sio.eio
-        for eio_sid in list(eio.sockets):  # e.g. clients that joined "/" only
-            await self._close_engineio(eio_sid)
+        async with asyncio.TaskGroup() as closing:
+            for eio_sid in list(eio.sockets):  # e.g. clients that joined "/" only
+                closing.create_task(self._close_engineio(eio_sid))
         await self._await_websockets_closed()
         await self._sio.shutdown()
         if self._runner is not None:
@@ -729,8 +734,7 @@ class GraphEmulator:
                     await self._expire_subscription(sub)
             next_deadline = min((s.deadline for s in self._live), default=None)
             timeout = None if next_deadline is None else max(0.0, next_deadline - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._expiry_wake.wait(), timeout)
+            await wait_event(self._expiry_wake, timeout)
 
     # ---- internals: sockets -------------------------------------------------------------------
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import json
 import logging
 import ssl
@@ -21,6 +20,8 @@ from typing import Any, Literal
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from relayd.waiting import wait_event
 
 __all__ = ["ReceivedRequest", "ScriptedResponse", "WebhookReceiver"]
 
@@ -202,8 +203,7 @@ class WebhookReceiver:
                 log.exception("on_request callback failed")
         if answer.delay > 0:
             # Waiting on the closing event rather than sleeping lets stop() cut the delay short.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), answer.delay)
+            await wait_event(self._closing, answer.delay)
         if self._closing.is_set():
             return web.Response(status=503, text="receiver stopping")
         if 200 <= answer.status < 300:
