@@ -51,14 +51,14 @@ async def outbox(path: Path, clock: Clock) -> AsyncIterator[SqliteStore]:
 async def test_a_failed_fsync_fails_the_write_naming_the_file_and_the_next_one_works(
     outbox: SqliteStore, path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A disk error cannot be made to happen here: os.fsync is what reports one.
-    real_fsync = os.fsync
+    # A disk error cannot be made to happen here: os.fdatasync is what reports one.
+    real_fdatasync = os.fdatasync
 
-    def failing_fsync(fd: int) -> None:
-        monkeypatch.setattr(os, "fsync", real_fsync)  # once
+    def failing_fdatasync(fd: int) -> None:
+        monkeypatch.setattr(os, "fdatasync", real_fdatasync)  # once
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
     with pytest.raises(OutboxError, match=f"{path}: cannot sync the outbox to disk"):
         await outbox.add([new(1)])
     # The caller writes it again (the watcher does): a copy with the same webhook-id at worst.
