@@ -279,7 +279,8 @@ class Store(Protocol):
     # -- the daemon's operations ----------------------------------------------------------------
 
     async def add(self, deliveries: Sequence[NewDelivery], *, fence: Fence | None = None) -> None:
-        """Returns once the rows are committed."""
+        """Returns once the rows are committed: safe from a killed relayd (SQLite syncs them to
+        disk right after, beside its writer; PostgreSQL's commit has synced them)."""
         ...
 
     async def claim(self, webhook: str, limit: int, *, ordered: bool = False) -> list[Delivery]: ...

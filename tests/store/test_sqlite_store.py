@@ -48,26 +48,58 @@ async def outbox(path: Path, clock: Clock) -> AsyncIterator[SqliteStore]:
 # -- writing ------------------------------------------------------------------------------------
 
 
-async def test_a_failed_fsync_fails_the_write_naming_the_file_and_the_next_one_works(
+async def test_a_commit_is_stored_and_delivered_while_its_disk_sync_is_under_way(
+    outbox: SqliteStore, path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow disk cannot be made here: os.fdatasync is held instead, as a slow disk holds it.
+    real_fdatasync = os.fdatasync
+    syncing, release = threading.Event(), threading.Event()
+
+    def slow_fdatasync(fd: int) -> None:
+        syncing.set()
+        release.wait(20)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_fdatasync)
+    await outbox.add([new(1)])
+    await wait_until(syncing.is_set, timeout=5, what="the sync of the first commit")
+    # The sync is still under way: the next commit, and a dispatcher's claim, do not wait for it.
+    await outbox.add([new(2)])
+    claimed = await outbox.claim("hook", 10)
+    assert [row.message_id for row in claimed] == ["msg_hook_d1_1", "msg_hook_d1_2"]
+    release.set()
+    await outbox.close()  # ends with the sync of everything committed
+    assert len(on_disk(path, "SELECT id FROM deliveries")) == 2
+
+
+async def test_a_failed_disk_sync_makes_the_store_unhealthy_naming_the_file_until_one_works(
     outbox: SqliteStore, path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A disk error cannot be made to happen here: os.fdatasync is what reports one.
     real_fdatasync = os.fdatasync
+    fail = threading.Event()
+    fail.set()
 
     def failing_fdatasync(fd: int) -> None:
-        monkeypatch.setattr(os, "fdatasync", real_fdatasync)  # once
-        raise OSError(errno.EIO, "Input/output error")
+        if fail.is_set():
+            raise OSError(errno.EIO, "Input/output error")
+        real_fdatasync(fd)
 
     monkeypatch.setattr(os, "fdatasync", failing_fdatasync)
-    with pytest.raises(OutboxError, match=f"{path}: cannot sync the outbox to disk"):
-        await outbox.add([new(1)])
-    # The caller writes it again (the watcher does): a copy with the same webhook-id at worst.
-    await outbox.add([new(1)])
-    await outbox.add([new(2)])
-    assert {message for (message,) in on_disk(path, "SELECT message_id FROM deliveries")} == {
+    await outbox.add([new(1)])  # committed: a killed relayd would still find it
+    await wait_until(lambda: not outbox.healthy, timeout=5, what="the failed sync to show")
+    assert outbox.last_error is not None
+    assert f"{path}: cannot sync the outbox to disk" in outbox.last_error
+    await outbox.add([new(2)])  # a commit that works says nothing of the disk's syncs
+    assert not outbox.healthy
+    fail.clear()
+    await outbox.add([new(3)])
+    await wait_until(lambda: outbox.healthy, timeout=5, what="a sync that works")
+    assert [row.message_id for row in await outbox.claim("hook", 10)] == [
         "msg_hook_d1_1",
         "msg_hook_d1_2",
-    }
+        "msg_hook_d1_3",
+    ]
 
 
 # -- where transactions run ---------------------------------------------------------------------
