@@ -22,7 +22,7 @@ from relayd.config import (
     resource_path,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SECRET = "whsec_" + base64.b64encode(b"k" * 32).decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"o" * 24).decode()
 CLIENT_ID = "00000000-0000-0000-0000-000000000000"

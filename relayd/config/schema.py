@@ -1,22 +1,11 @@
-"""Load and validate relayd's YAML configuration.
+"""The configuration's schema: frozen pydantic models, their field types and checks, and the
+cross references between drives, accounts and webhooks. Pure: no file is read here but those a
+field names (a secret_file, a CA file), and only when the loader asks for it."""
 
-Everything that reads the configuration (the daemon at start-up and on live reload, ``relayd
-login``, config checks) goes through :func:`load_config`. It returns frozen pydantic models, so
-two loads of an unchanged file compare equal and a reload can diff ``old != new``.
-
-The error messages are part of the user interface: every problem found in the file is reported
-at once, each as ``file:line: key.path: message`` (see :class:`ConfigIssue`). To get line numbers
-the YAML is composed into a node tree first, turned into plain data while remembering the line of
-every key, and only then validated; pydantic's error locations are mapped back to those lines.
-
-Values may come from the environment (``${VAR}``, ``${VAR:-default}``, ``$$`` for a literal
-``$``). Such values, and anything under a secret-bearing key, are never quoted in an error
-message or in a model's repr: they may be credentials.
-"""
+from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import ipaddress
 import math
 import os
@@ -24,107 +13,24 @@ import re
 import shlex
 import socket
 import ssl
-import types
 import urllib.parse
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Final, Literal, Self, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Final, Literal, Self
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-__all__ = [
-    "AccountConfig",
-    "AdminConfig",
-    "Config",
-    "ConfigError",
-    "ConfigIssue",
-    "DriveConfig",
-    "GraphConfig",
-    "LogConfig",
-    "OutboxConfig",
-    "RetryConfig",
-    "TlsConfig",
-    "WebhookConfig",
-    "drive_address",
-    "is_name",
-    "load_config",
-    "needs_lookup",
-    "parse_config",
-    "parse_duration",
-    "resource_path",
-]
-
-# A key path inside the document: ("drives", 1, "resource") is drives[1].resource.
-Loc = tuple[str | int, ...]
-
-
-# --------------------------------------------------------------------------- errors
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a configuration file, printed as ``file:line: path: message``."""
-
-    file: str
-    line: int | None
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        where = self.file if self.line is None else f"{self.file}:{self.line}"
-        return f"{where}: {self.path}: {self.message}" if self.path else f"{where}: {self.message}"
-
-
-class ConfigError(Exception):
-    """The configuration is unusable; ``issues`` lists every problem found, sorted by line."""
-
-    def __init__(self, issues: Iterable[ConfigIssue]) -> None:
-        # The same problem can be found twice (e.g. through a YAML alias); report it once.
-        unique = list(dict.fromkeys(issues))
-        unique.sort(key=lambda issue: issue.line if issue.line is not None else 0)
-        self.issues: tuple[ConfigIssue, ...] = tuple(unique)
-        # args holds the issues (not the text) so the exception survives pickling.
-        super().__init__(self.issues)
-
-    def __str__(self) -> str:
-        return "\n".join(str(issue) for issue in self.issues)
-
-
-class _Invalid(ValueError):
-    """A validation problem with a message fit for users.
-
-    ``message`` may quote the offending value; ``redacted`` never does and is shown instead
-    when the value came from the environment or sits under a secret-bearing key. ``at`` is a
-    location below the one pydantic reports, for checks that run on a whole model but blame
-    one of its keys.
-    """
-
-    def __init__(self, message: str, *, redacted: str | None = None, at: Loc = ()) -> None:
-        super().__init__(message)
-        self.message = message
-        self.redacted = message if redacted is None else redacted
-        self.at = at
-
-
-class _Invalids(ValueError):
-    """Several problems found by one model-level check, each with its own location."""
-
-    def __init__(self, problems: Sequence[_Invalid]) -> None:
-        self.problems = tuple(problems)
-        super().__init__("; ".join(f"{_format_loc(p.at)}: {p.redacted}" for p in self.problems))
-
+from relayd.config.errors import Invalid, Invalids, Loc
 
 # --------------------------------------------------------------------------- pure helpers
 
@@ -147,9 +53,9 @@ def parse_duration(value: object, *, allow_zero: bool = False) -> float:
     """
     seconds = _duration_seconds(value)
     if seconds < 0:
-        raise _Invalid("duration must not be negative")
+        raise Invalid("duration must not be negative")
     if seconds == 0 and not allow_zero:
-        raise _Invalid("duration must be greater than zero")
+        raise Invalid("duration must be greater than zero")
     return seconds
 
 
@@ -161,19 +67,19 @@ _SIZE_HELP: Final = 'a number of bytes, or a number with KiB, MiB or GiB, e.g. "
 def parse_size(value: object) -> int:
     """Return a size in bytes: ``16777216``, ``"512KiB"``, ``"16MiB"``, ``"1GiB"``."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise _Invalid(f"invalid size {value!r}: {_SIZE_HELP}")
+        raise Invalid(f"invalid size {value!r}: {_SIZE_HELP}")
     if isinstance(value, str):
         match = _SIZE.fullmatch(value.strip())
         if match is None:
-            raise _Invalid(f"invalid size {value!r}: {_SIZE_HELP}")
+            raise Invalid(f"invalid size {value!r}: {_SIZE_HELP}")
         value = float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "").lower()]
     if value < 0:
-        raise _Invalid("size must not be negative")
+        raise Invalid("size must not be negative")
     return int(value)
 
 
 def _duration_seconds(value: object) -> float:
-    invalid = _Invalid(
+    invalid = Invalid(
         f"invalid duration {value!r}: {_DURATION_HELP}",
         redacted=f"invalid duration: {_DURATION_HELP}",
     )
@@ -249,7 +155,7 @@ def resource_path(resource: str) -> str:
         return f"{resource}/drive"
     if ids_ok and len(parts) == 4 and parts[0] == "sites" and parts[2] == "lists":
         return f"{resource}/drive"
-    raise _Invalid(
+    raise Invalid(
         f"unsupported resource {resource!r}: {_RESOURCE_HELP}",
         redacted=f"unsupported resource: {_RESOURCE_HELP}",
     )
@@ -281,7 +187,7 @@ def is_name(text: str) -> bool:
 def _check_name(value: str) -> str:
     # Names appear in logs, metrics and file names under state_dir, hence the strict alphabet.
     if not _NAME.fullmatch(value):
-        raise _Invalid(
+        raise Invalid(
             f"invalid name {value!r}: {_NAME_HELP}", redacted=f"invalid name: {_NAME_HELP}"
         )
     return value
@@ -289,7 +195,7 @@ def _check_name(value: str) -> str:
 
 def _check_http_url(value: str) -> str:
     # The URL itself is not quoted in the message: webhook URLs often embed a token.
-    problem = _Invalid("expected an http:// or https:// URL with a host")
+    problem = Invalid("expected an http:// or https:// URL with a host")
     if any(char.isspace() for char in value):
         raise problem
     parts = urllib.parse.urlsplit(value)
@@ -313,14 +219,14 @@ def _check_secret(value: str) -> str:
     """Validate one webhook signing secret without ever quoting it."""
     secret = value.strip()
     if not secret:
-        raise _Invalid(f"secret is empty; {_SECRET_HELP}")
+        raise Invalid(f"secret is empty; {_SECRET_HELP}")
     body = secret.removeprefix(_SECRET_PREFIX)
     try:
         key = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
-        raise _Invalid(f"secret is not valid base64; {_SECRET_HELP}") from None
+        raise Invalid(f"secret is not valid base64; {_SECRET_HELP}") from None
     if not 16 <= len(key) <= 64:
-        raise _Invalid(f"secret decodes to {len(key)} bytes; {_SECRET_HELP}")
+        raise Invalid(f"secret decodes to {len(key)} bytes; {_SECRET_HELP}")
     return secret
 
 
@@ -329,23 +235,23 @@ def _read_secret_file(path: Path) -> tuple[str, ...]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+        raise Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
-        raise _Invalid(f"cannot read {path}: not UTF-8 text") from None
+        raise Invalid(f"cannot read {path}: not UTF-8 text") from None
     secrets = text.split()
     if not secrets:
-        raise _Invalid(f"{path} contains no secret; {_SECRET_HELP}")
+        raise Invalid(f"{path} contains no secret; {_SECRET_HELP}")
     for number, secret in enumerate(secrets, start=1):
         try:
             _check_secret(secret)
-        except _Invalid as exc:
-            raise _Invalid(f"secret {number} of {len(secrets)} in {path}: {exc.message}") from None
+        except Invalid as exc:
+            raise Invalid(f"secret {number} of {len(secrets)} in {path}: {exc.message}") from None
     return tuple(secrets)
 
 
 def _split_listen(listen: str) -> tuple[str, int]:
     """``"127.0.0.1:9464"`` -> ``("127.0.0.1", 9464)``; IPv6 is written ``[::1]:9464``."""
-    problem = _Invalid(
+    problem = Invalid(
         f"invalid listen address {listen!r}: expected host:port such as 127.0.0.1:9464 or "
         '[::1]:9464, or "" to turn the admin endpoint off',
         redacted="invalid listen address: expected host:port such as 127.0.0.1:9464 or "
@@ -362,7 +268,7 @@ def _split_listen(listen: str) -> tuple[str, int]:
         except ValueError:
             raise problem from None
     if port > 65535:
-        raise _Invalid("port must be between 0 and 65535")
+        raise Invalid("port must be between 0 and 65535")
     return host, port
 
 
@@ -373,15 +279,15 @@ _RESERVED_HEADERS: Final = frozenset(
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
-def _header_problems(headers: Mapping[str, str]) -> list[_Invalid]:
+def _header_problems(headers: Mapping[str, str]) -> list[Invalid]:
     problems = []
     for name, value in headers.items():
         if not _HEADER_NAME.fullmatch(name):
-            problems.append(_Invalid("not a valid HTTP header name", at=(name,)))
+            problems.append(Invalid("not a valid HTTP header name", at=(name,)))
         elif name.lower() in _RESERVED_HEADERS:
-            problems.append(_Invalid("this header is set by relayd", at=(name,)))
+            problems.append(Invalid("this header is set by relayd", at=(name,)))
         elif any(char in value for char in "\r\n\0"):
-            problems.append(_Invalid("header values must not contain line breaks", at=(name,)))
+            problems.append(Invalid("header values must not contain line breaks", at=(name,)))
     return problems
 
 
@@ -407,7 +313,7 @@ def _check_proxy_url(value: str) -> str:
     # Not quoted in the message: a proxy URL may hold a password.
     if value == "":
         return value  # explicitly no proxy: go direct
-    problem = _Invalid('expected http://[user:password@]host[:port], or "" for no proxy')
+    problem = Invalid('expected http://[user:password@]host[:port], or "" for no proxy')
     if any(char.isspace() for char in value):
         raise problem
     parts = urllib.parse.urlsplit(value)
@@ -439,14 +345,14 @@ def _resolve_path(value: object, info: ValidationInfo) -> Path:
     """A path from the file; relative ones are relative to the config file's folder."""
     if isinstance(value, str):
         if not value.strip():
-            raise _Invalid("path must not be empty")
+            raise Invalid("path must not be empty")
         if value.startswith("~"):
-            raise _Invalid("'~' is not expanded here; write ${HOME}/... or an absolute path")
+            raise Invalid("'~' is not expanded here; write ${HOME}/... or an absolute path")
         path = Path(value)
     elif isinstance(value, Path):
         path = value
     else:
-        raise _Invalid("expected a path")
+        raise Invalid("expected a path")
     base_dir = _context(info).get("base_dir")
     return (base_dir if isinstance(base_dir, Path) else Path.cwd()) / path
 
@@ -456,7 +362,7 @@ class _Rejected:
     """Stands in for a value a model-level step could not use, so that the field's own
     validator raises the problem and it is reported at that key (and its line)."""
 
-    problem: _Invalid
+    problem: Invalid
 
 
 # --------------------------------------------------------------------------- models
@@ -504,7 +410,7 @@ class GraphConfig(_Model):
         # (".../me/drive/root/subscriptions/socketIo") would answer a puzzling 400 at run time.
         last = urllib.parse.urlsplit(value).path.rsplit("/", 1)[-1]
         if not _GRAPH_VERSION.fullmatch(last):
-            raise _Invalid(
+            raise Invalid(
                 "must end with Graph's API version, e.g. https://graph.microsoft.com/v1.0"
             )
         return value
@@ -525,9 +431,9 @@ class TlsConfig(_Model):
         try:
             ssl.create_default_context().load_verify_locations(cafile=str(path))
         except ssl.SSLError:  # an OSError too: first
-            raise _Invalid(f"{path} holds no PEM certificate that can be used as a CA") from None
+            raise Invalid(f"{path} holds no PEM certificate that can be used as a CA") from None
         except OSError as exc:
-            raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
+            raise Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
         return path
 
 
@@ -605,7 +511,7 @@ class OutboxConfig(_Model):
 
 def _check_store_url(value: str) -> str:
     # Never quoted in a message: the URL may hold the database password.
-    problem = _Invalid(
+    problem = Invalid(
         "expected postgresql://user[:password]@host[:port]/database (omit store.url for SQLite)"
     )
     parts = urllib.parse.urlsplit(value.strip())
@@ -673,7 +579,7 @@ class AccountConfig(_Model):
     @classmethod
     def _check_client_id(cls, value: str | None) -> str | None:
         if value is not None and not _GUID.fullmatch(value):
-            raise _Invalid(
+            raise Invalid(
                 "expected the application (client) id, a GUID like "
                 "00000000-0000-0000-0000-000000000000"
             )
@@ -683,7 +589,7 @@ class AccountConfig(_Model):
     @classmethod
     def _check_tenant(cls, value: str) -> str:
         if not _TENANT.fullmatch(value):
-            raise _Invalid(
+            raise Invalid(
                 "expected common, organizations, consumers, a tenant id or a tenant domain"
             )
         return value
@@ -692,7 +598,7 @@ class AccountConfig(_Model):
     @classmethod
     def _check_throttle_tenant(cls, value: str | None) -> str | None:
         if value is not None and not _TENANT.fullmatch(value):
-            raise _Invalid("expected a tenant id, a tenant domain or another plain name")
+            raise Invalid("expected a tenant id, a tenant domain or another plain name")
         return value
 
     @field_validator("authority_host")
@@ -710,12 +616,12 @@ class AccountConfig(_Model):
     @classmethod
     def _check_scopes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
-            raise _Invalid("at least one scope is required, e.g. Files.Read")
+            raise Invalid("at least one scope is required, e.g. Files.Read")
         for index, scope in enumerate(value):
             if not scope or any(char.isspace() for char in scope):
-                raise _Invalid("a scope must be a non-empty word", at=(index,))
+                raise Invalid("a scope must be a non-empty word", at=(index,))
             if scope.lower() in _RESERVED_SCOPES:
-                raise _Invalid(
+                raise Invalid(
                     f"{scope} is added by MSAL itself; remove it",
                     redacted="openid, profile and offline_access are added by MSAL itself",
                     at=(index,),
@@ -731,9 +637,9 @@ class AccountConfig(_Model):
             argv = shlex.split(value)
         except ValueError as exc:
             # shlex's messages ("No closing quotation") never quote the command.
-            raise _Invalid(f"cannot split the command line: {exc}") from None
+            raise Invalid(f"cannot split the command line: {exc}") from None
         if not argv:
-            raise _Invalid("the command must not be empty")
+            raise Invalid("the command must not be empty")
         return value
 
     @field_validator("token_file", mode="before")
@@ -750,7 +656,7 @@ class AccountConfig(_Model):
                     pass
             except OSError as exc:
                 problem = exc.strerror or type(exc).__name__
-                raise _Invalid(
+                raise Invalid(
                     f"cannot read {path}: {problem}", redacted=f"cannot read the file: {problem}"
                 ) from None
         return path
@@ -761,17 +667,17 @@ class AccountConfig(_Model):
         given = [key for key in sources if getattr(self, key) is not None]
         if len(given) != 1:
             found = f" (found {' and '.join(given)})" if given else ""
-            raise _Invalid(
+            raise Invalid(
                 "set exactly one of client_id (device-code sign-in), token_command or "
                 f"token_file{found}"
             )
         misplaced = [
-            _Invalid(f"only applies to {kind} accounts", at=(key,))
+            Invalid(f"only applies to {kind} accounts", at=(key,))
             for key, kind in _SOURCE_ONLY_KEYS.items()
             if key in self.model_fields_set and self.kind != _KIND_OF_SOURCE[kind]
         ]
         if misplaced:
-            raise _Invalids(misplaced)
+            raise Invalids(misplaced)
         return self
 
 
@@ -783,7 +689,7 @@ class RetryConfig(_Model):
     @model_validator(mode="after")
     def _check_order(self) -> Self:
         if self.max_delay < self.initial_delay:
-            raise _Invalid("max_delay must not be shorter than initial_delay", at=("max_delay",))
+            raise Invalid("max_delay must not be shorter than initial_delay", at=("max_delay",))
         return self
 
 
@@ -813,11 +719,11 @@ class WebhookConfig(_Model):
         data = dict(data)
         try:
             if data.get("secret") is not None:
-                raise _Invalid("set either secret or secret_file, not both")
+                raise Invalid("set either secret or secret_file, not both")
             path = _resolve_path(data["secret_file"], info)
             data["secret"] = _read_secret_file(path)
             data["secret_file"] = path
-        except _Invalid as problem:
+        except Invalid as problem:
             data["secret_file"] = _Rejected(problem)
         return data
 
@@ -851,7 +757,7 @@ class WebhookConfig(_Model):
     def _check_headers(cls, value: dict[str, str]) -> dict[str, str]:
         problems = _header_problems(value)
         if problems:
-            raise _Invalids(problems)
+            raise Invalids(problems)
         return value
 
 
@@ -913,10 +819,10 @@ class DriveConfig(_Model):
     @classmethod
     def _check_webhooks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         if not value:
-            raise _Invalid("name at least one webhook")
+            raise Invalid("name at least one webhook")
         for index, name in enumerate(value):
             if name in value[:index]:
-                raise _Invalid(
+                raise Invalid(
                     f"webhook {name!r} is listed twice",
                     redacted="webhook listed twice",
                     at=(index,),
@@ -959,9 +865,9 @@ class Config(_Model):
         # Replicas share drives, leases and the outbox through PostgreSQL; on SQLite each
         # replica would watch every drive and deliver from a file of its own.
         if self.cluster is not None and self.store.url is None:
-            raise _Invalids(
+            raise Invalids(
                 [
-                    _Invalid(
+                    Invalid(
                         "a cluster needs the PostgreSQL store: set store.url "
                         "(postgresql://...), or remove the cluster section to run one relayd "
                         "on SQLite",
@@ -985,7 +891,7 @@ class Config(_Model):
             drives, self.accounts, self.webhooks, lambda i: f"drives[{i}]"
         )
         if problems:
-            raise _Invalids(problems)
+            raise Invalids(problems)
         return self
 
 
@@ -1011,20 +917,20 @@ def _reference_problems(
     accounts: Collection[str] | None,
     webhooks: Collection[str] | None,
     first_at: Callable[[int], str],
-) -> list[_Invalid]:
+) -> list[Invalid]:
     """Duplicate drive names and references to undefined accounts or webhooks.
 
     ``accounts``/``webhooks`` are None when that section is itself broken, in which case
     references to it are not checked (every drive would be reported otherwise).
     """
-    problems: list[_Invalid] = []
+    problems: list[Invalid] = []
     first: dict[str, int] = {}
     for drive in drives:
         base: Loc = ("drives", drive.index)
         if isinstance(drive.name, str) and drive.name in first:
             where = first_at(first[drive.name])
             problems.append(
-                _Invalid(
+                Invalid(
                     f"duplicate drive name {drive.name!r} (first at {where})",
                     redacted=f"duplicate drive name (first at {where})",
                     at=(*base, "name"),
@@ -1046,7 +952,7 @@ def _reference_problems(
             if known is not None and isinstance(name, str) and name not in known:
                 listing = _known(f"{kind}s", known)
                 problems.append(
-                    _Invalid(
+                    Invalid(
                         f"unknown {kind} {name!r} ({listing})",
                         redacted=f"unknown {kind} ({listing})",
                         at=at,
@@ -1055,7 +961,7 @@ def _reference_problems(
     return problems
 
 
-def _raw_reference_problems(data: Mapping[str, object], lines: Mapping[Loc, int]) -> list[_Invalid]:
+def raw_reference_problems(data: Mapping[str, object], lines: Mapping[Loc, int]) -> list[Invalid]:
     raw_drives = data.get("drives")
     drives = []
     for index, item in enumerate(raw_drives if isinstance(raw_drives, list) else []):
@@ -1078,470 +984,3 @@ def _raw_reference_problems(data: Mapping[str, object], lines: Mapping[Loc, int]
         return f"line {line}" if line is not None else f"drives[{index}]"
 
     return _reference_problems(drives, section("accounts"), section("webhooks"), first_at)
-
-
-# --------------------------------------------------------------------------- YAML -> data
-
-_MERGE_TAG: Final = "tag:yaml.org,2002:merge"
-_MAP_TAG: Final = "tag:yaml.org,2002:map"
-_SEQ_TAG: Final = "tag:yaml.org,2002:seq"
-# Enough for any real configuration, small enough to stop "billion laughs" alias bombs.
-_MAX_NODES: Final = 100_000
-
-_REFERENCE: Final = re.compile(r"\$(?:(?P<escape>\$)|\{(?P<body>[^}]*)\}|(?P<open>\{))")
-_REFERENCE_BODY: Final = re.compile(
-    r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>.*))?", re.DOTALL
-)
-
-
-def _expand(text: str, env: Mapping[str, str]) -> tuple[str, bool, list[str]]:
-    """Substitute ``${VAR}``, ``${VAR:-default}`` and ``$$`` in ``text``.
-
-    Returns the result, whether any variable was referenced, and the problems found. A lone
-    ``$`` followed by anything else is kept as written. Problems never quote the text.
-    """
-    problems: list[str] = []
-    referenced = False
-
-    def replace(match: re.Match[str]) -> str:
-        nonlocal referenced
-        if match["escape"]:
-            return "$"
-        if match["open"]:
-            problems.append("unterminated '${' (write '$$' for a literal '$')")
-            return ""
-        body = _REFERENCE_BODY.fullmatch(match["body"])
-        if body is None:
-            problems.append("invalid substitution: expected ${NAME} or ${NAME:-default}")
-            return ""
-        referenced = True
-        name, default = body["name"], body["default"]
-        value = env.get(name)
-        if default is None:
-            if value is None:
-                problems.append(f"environment variable {name} is not set")
-                return ""
-            return value
-        if "${" in default:
-            problems.append("nested substitutions are not supported")
-            return ""
-        return value or default
-
-    return _REFERENCE.sub(replace, text), referenced, problems
-
-
-class _TooLarge(Exception):
-    pass
-
-
-@dataclass
-class _Document:
-    """Plain data built from the YAML, plus what is needed to report problems in it."""
-
-    data: dict[str, object] = field(default_factory=dict)
-    lines: dict[Loc, int] = field(default_factory=dict)
-    substituted: set[Loc] = field(default_factory=set)  # values taken from the environment
-    # Values that could not be read (failed substitution, bad YAML value): already reported.
-    unusable: set[Loc] = field(default_factory=set)
-    problems: list[tuple[Loc, int | None, _Invalid]] = field(default_factory=list)
-
-
-class _Builder:
-    """Turns a composed YAML node tree into plain data, recording the line of every key."""
-
-    def __init__(self, loader: yaml.SafeLoader, env: Mapping[str, str]) -> None:
-        self.loader = loader
-        self.env = env
-        self.doc = _Document()
-        self.budget = _MAX_NODES
-        self.active: set[int] = set()  # collections being built, to stop recursive aliases
-
-    def problem(self, loc: Loc, node: yaml.Node, message: str, *, unusable: bool = False) -> None:
-        self.doc.problems.append((loc, node.start_mark.line + 1, _Invalid(message)))
-        if unusable:  # the value is dropped; validating what is left would only add noise
-            self.doc.unusable.add(loc)
-
-    def build(self, node: yaml.Node, loc: Loc) -> object:
-        self.budget -= 1
-        if self.budget < 0:
-            raise _TooLarge
-        self.doc.lines.setdefault(loc, node.start_mark.line + 1)
-        if isinstance(node, yaml.ScalarNode):
-            return self.scalar(node, loc)
-        if id(node) in self.active:
-            self.problem(loc, node, "recursive YAML alias", unusable=True)
-            return None
-        self.active.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode) and node.tag == _MAP_TAG:
-                return self.mapping(node, loc)
-            if isinstance(node, yaml.SequenceNode) and node.tag == _SEQ_TAG:
-                return [self.build(item, (*loc, i)) for i, item in enumerate(node.value)]
-            self.problem(loc, node, f"unsupported YAML tag {node.tag}", unusable=True)
-            return None
-        finally:
-            self.active.discard(id(node))
-
-    def scalar(self, node: yaml.ScalarNode, loc: Loc) -> object:
-        try:
-            value = self.loader.construct_object(node, deep=True)
-        except yaml.MarkedYAMLError as exc:
-            self.problem(loc, node, f"invalid YAML value: {exc.problem}", unusable=True)
-            return None
-        except ValueError as exc:  # e.g. a timestamp like 2024-02-30
-            self.problem(loc, node, f"invalid YAML value: {exc}", unusable=True)
-            return None
-        if isinstance(value, str) and "$" in value:
-            value, referenced, problems = _expand(value, self.env)
-            if referenced:
-                self.doc.substituted.add(loc)
-            for message in problems:
-                self.problem(loc, node, message, unusable=True)
-        return value
-
-    def mapping(self, node: yaml.MappingNode, loc: Loc) -> dict[str, object]:
-        result: dict[str, object] = {}
-        for key_node, value_node in self.pairs(node, loc):
-            key_loc = (*loc, key_node.value)
-            self.doc.lines[key_loc] = key_node.start_mark.line + 1
-            result[key_node.value] = self.build(value_node, key_loc)
-        return result
-
-    def pairs(self, node: yaml.MappingNode, loc: Loc) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
-        """The key/value nodes in effect: the mapping's own keys, then keys merged in with
-        ``<<`` that the mapping does not override (earlier merge sources win)."""
-        own: dict[str, tuple[yaml.ScalarNode, yaml.Node]] = {}
-        merged: list[yaml.Node] = []
-        for key_node, value_node in node.value:
-            if key_node.tag == _MERGE_TAG:
-                merged.extend(
-                    value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
-                )
-            elif not isinstance(key_node, yaml.ScalarNode):
-                self.problem(loc, key_node, "keys must be plain strings")
-            elif key_node.value in own:
-                first = own[key_node.value][0].start_mark.line + 1
-                self.problem(
-                    (*loc, key_node.value), key_node, f"duplicate key (first at line {first})"
-                )
-            else:
-                own[key_node.value] = (key_node, value_node)
-        for source in merged:
-            if not isinstance(source, yaml.MappingNode):
-                self.problem(loc, source, "'<<' must merge a mapping or a list of mappings")
-                continue
-            if id(source) in self.active:
-                self.problem(loc, source, "recursive YAML alias")
-                continue
-            self.active.add(id(source))
-            try:
-                for key_node, value_node in self.pairs(source, loc):
-                    own.setdefault(key_node.value, (key_node, value_node))
-            finally:
-                self.active.discard(id(source))
-        return list(own.values())
-
-
-def _yaml_problem(exc: yaml.YAMLError, text: str) -> tuple[int | None, str]:
-    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem is None:
-        return None, f"invalid YAML: {exc}"
-    mark = exc.problem_mark
-    if mark is None:
-        return None, f"invalid YAML: {exc.problem}"
-    message = f"invalid YAML at column {mark.column + 1}: {exc.problem}"
-    if exc.context:
-        context_line = f" at line {exc.context_mark.line + 1}" if exc.context_mark else ""
-        message += f" ({exc.context}{context_line})"
-    lines = text.splitlines()
-    if mark.line < len(lines):
-        number = str(mark.line + 1)
-        message += (
-            f"\n  {number} | {_masked_source_line(lines[mark.line])}"
-            f"\n  {' ' * len(number)} | {' ' * mark.column}^"
-        )
-    return mark.line + 1, message
-
-
-# A line shown from a file that does not parse: its key is all we know, so a value after a key
-# that may hold a credential is hidden, and so is anything shaped like a webhook secret.
-_SENSITIVE_LINE: Final = re.compile(
-    r"^(\s*(?:-\s+)?[\"']?[\w.-]*(?:secret|token|password|authorization|headers|key)[\w.-]*"
-    r"[\"']?\s*:).*$",
-    re.IGNORECASE,
-)
-
-
-def _masked_source_line(line: str) -> str:
-    line = _SENSITIVE_LINE.sub(r"\1 <hidden>", line)
-    return re.sub(r"whsec_\S+", "whsec_<hidden>", line)
-
-
-def _read_document(text: str, env: Mapping[str, str], filename: str) -> _Document:
-    """Compose and convert the YAML; raises ConfigError when nothing can be validated."""
-
-    def fail(line: int | None, message: str) -> ConfigError:
-        return ConfigError([ConfigIssue(filename, line, "", message)])
-
-    loader = yaml.SafeLoader(text)
-    try:
-        root = loader.get_single_node()
-        if root is None or (isinstance(root, yaml.ScalarNode) and root.tag.endswith(":null")):
-            # A truncated file must not reload into a relay with no drives at all.
-            raise fail(None, "the file is empty; see config.example.yaml for what goes in it")
-        if not isinstance(root, yaml.MappingNode):
-            raise fail(root.start_mark.line + 1, "the top level must be a mapping of settings")
-        builder = _Builder(loader, env)
-        data = builder.build(root, ())
-        builder.doc.data = data if isinstance(data, dict) else {}
-        return builder.doc
-    except yaml.YAMLError as exc:
-        raise fail(*_yaml_problem(exc, text)) from None
-    except _TooLarge:
-        raise fail(None, "the document is too large (too many YAML aliases?)") from None
-    finally:
-        loader.dispose()
-
-
-# --------------------------------------------------------------------------- errors -> issues
-
-# Keys whose values may be credentials: problems there never quote the value.
-_SENSITIVE_KEYS: Final = frozenset({"secret", "headers", "token_command", "token_file", "proxy"})
-_APPLICATION_CREDENTIAL_KEYS: Final = frozenset(
-    {"client_secret", "client_credential", "certificate", "client_certificate", "certificate_path"}
-)
-_APPLICATION_CREDENTIAL_MESSAGE: Final = (
-    "application credentials are not accepted: Graph's socketIo endpoint only accepts "
-    "delegated (user) tokens; use client_id for device-code sign-in (relayd login) or "
-    "token_command/token_file"
-)
-_FRIENDLY_MESSAGES: Final = {
-    "dict_type": "expected a mapping",
-    "model_type": "expected a mapping",
-    "model_attributes_type": "expected a mapping",
-    "tuple_type": "expected a list",
-    "list_type": "expected a list",
-    "string_type": "expected a string",
-    "int_type": "expected a whole number",
-    "int_parsing": "expected a whole number",
-    "int_from_float": "expected a whole number",
-    "float_type": "expected a number",
-    "float_parsing": "expected a number",
-    "bool_type": "expected true or false",
-    "bool_parsing": "expected true or false",
-}
-_PLAIN_KEY: Final = re.compile(r"[A-Za-z0-9_-]+")
-_MISSING: Final = object()
-
-
-def _format_loc(loc: Loc) -> str:
-    """("drives", 1, "resource") -> "drives[1].resource"; odd keys are quoted."""
-    text = ""
-    for part in loc:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif _PLAIN_KEY.fullmatch(part):
-            text += f".{part}" if text else part
-        else:
-            text += f'["{part}"]'
-    return text
-
-
-def _lookup(data: object, loc: Loc) -> object:
-    for part in loc:
-        if isinstance(data, dict) and part in data:
-            data = data[part]
-            continue
-        if isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data):
-            data = data[part]
-            continue
-        return _MISSING
-    return data
-
-
-def _model_at(loc: Loc) -> type[BaseModel] | None:
-    """The config model that holds the keys at `loc` (("drives", 0) is a DriveConfig), if any."""
-    current: object = Config
-    for part in loc:
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            field_info = current.model_fields.get(str(part))
-            if field_info is None:
-                return None
-            current = field_info.annotation
-            continue
-        # A collection in between: dict[name, Model] takes a key, tuple[Model, ...] an index.
-        current = _unwrap(current)
-        origin, args = get_origin(current), get_args(current)
-        if origin is dict and len(args) == 2:
-            current = args[1]
-        elif origin is tuple and args:
-            current = args[0]
-        else:
-            return None
-    current = _unwrap(current)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _unwrap(annotation: object) -> object:
-    """`Annotated[X, ...]` and `X | None` stand for X here."""
-    while get_origin(annotation) is Annotated:
-        annotation = get_args(annotation)[0]
-    if get_origin(annotation) in (Union, types.UnionType):
-        options = [arg for arg in get_args(annotation) if arg is not type(None)]
-        if len(options) == 1:
-            return _unwrap(options[0])
-    return annotation
-
-
-def _known_keys(loc: Loc) -> list[str]:
-    model = _model_at(loc)
-    return [] if model is None else list(model.model_fields)
-
-
-def _suggestion(key: str, known: Sequence[str]) -> str:
-    """ "; did you mean 'webhook'?" for a near miss, else the keys that are allowed there."""
-    if not known:
-        return ""
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    if close:
-        return f"; did you mean {close[0]!r}?"
-    return f"; expected one of: {', '.join(sorted(known))}"
-
-
-@dataclass
-class _Reporter:
-    """Turns problems at key paths into ConfigIssues with lines and safe messages."""
-
-    filename: str
-    doc: _Document
-
-    def line_of(self, loc: Loc) -> int | None:
-        # A missing key has no line of its own: use its nearest ancestor that has one.
-        for end in range(len(loc), -1, -1):
-            if loc[:end] in self.doc.lines:
-                return self.doc.lines[loc[:end]]
-        return None
-
-    def is_sensitive(self, loc: Loc) -> bool:
-        return any(part in _SENSITIVE_KEYS for part in loc) or any(
-            loc[:end] in self.doc.substituted for end in range(len(loc) + 1)
-        )
-
-    def is_unusable(self, loc: Loc) -> bool:
-        return any(loc[:end] in self.doc.unusable for end in range(len(loc) + 1))
-
-    def issue(self, loc: Loc, problem: _Invalid, line: int | None = None) -> ConfigIssue:
-        # Models turn a single string into a one-element tuple; blame the string, not item 0.
-        if (
-            loc
-            and isinstance(loc[-1], int)
-            and not isinstance(_lookup(self.doc.data, loc[:-1]), list)
-        ):
-            loc = loc[:-1]
-        message = problem.redacted if self.is_sensitive(loc) else problem.message
-        return ConfigIssue(self.filename, line or self.line_of(loc), _format_loc(loc), message)
-
-    def from_validation(self, exc: ValidationError) -> list[ConfigIssue]:
-        issues = []
-        for error in exc.errors(include_url=False):
-            loc = tuple(part for part in error["loc"] if part != "[key]")
-            cause = error.get("ctx", {}).get("error")
-            if isinstance(cause, _Invalids):
-                problems: Sequence[_Invalid] = cause.problems
-            elif isinstance(cause, _Invalid):
-                problems = [cause]
-            else:
-                problems = [self.pydantic_problem(error["type"], loc, error["msg"], error["input"])]
-            for problem in problems:
-                where = (*loc, *problem.at)
-                # A value that could not be read was reported already; only its key can be wrong.
-                if error["type"] == "extra_forbidden" or not self.is_unusable(where):
-                    issues.append(self.issue(where, problem))
-        return issues
-
-    def pydantic_problem(self, kind: str, loc: Loc, msg: str, value: object) -> _Invalid:
-        if kind == "extra_forbidden":
-            if len(loc) == 3 and loc[0] == "accounts" and loc[2] in _APPLICATION_CREDENTIAL_KEYS:
-                return _Invalid(_APPLICATION_CREDENTIAL_MESSAGE)
-            return _Invalid("unknown key" + _suggestion(str(loc[-1]), _known_keys(loc[:-1])))
-        if kind == "missing":
-            # Present but empty (`url:`) is not the same mistake as a forgotten key.
-            return _Invalid(
-                "a value is required" if loc in self.doc.lines else "missing required key"
-            )
-        message = _FRIENDLY_MESSAGES.get(kind) or msg
-        for prefix in ("Value error, ", "Assertion failed, "):
-            message = message.removeprefix(prefix)
-        # Pydantic's own messages do not quote the input today; make sure it stays that way.
-        quotes_value = isinstance(value, str) and bool(value) and value in message
-        return _Invalid(message, redacted="invalid value" if quotes_value else message)
-
-
-# --------------------------------------------------------------------------- entry points
-
-
-def parse_config(
-    text: str,
-    *,
-    filename: str,
-    env: Mapping[str, str],
-    base_dir: Path,
-    check_files: bool = False,
-) -> Config:
-    """Validate configuration ``text``; ``filename`` is only used in messages.
-
-    Relative paths in the file are taken relative to ``base_dir`` (the config file's folder).
-    ``check_files`` also requires files the daemon only reads later (token_file) to be readable
-    now, as `relayd check-config` does. Raises :class:`ConfigError` listing every problem found.
-    """
-    doc = _read_document(text, env, filename)
-    reporter = _Reporter(filename, doc)
-    issues = [reporter.issue(loc, problem, line) for loc, line, problem in doc.problems]
-    issues += [
-        reporter.issue(problem.at, problem)
-        for problem in _raw_reference_problems(doc.data, doc.lines)
-        if not reporter.is_unusable(problem.at)
-    ]
-    context = {
-        "base_dir": base_dir.absolute(),
-        "env": env,
-        "references_checked": True,
-        "check_files": check_files,
-    }
-    try:
-        config = Config.model_validate(doc.data, context=context)
-    except ValidationError as exc:
-        issues += reporter.from_validation(exc)
-    if issues:
-        # `from None`: the chained pydantic error would add nothing and could carry inputs.
-        raise ConfigError(issues) from None
-    return config
-
-
-def load_config(
-    path: str | os.PathLike[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    check_files: bool = False,
-) -> Config:
-    """Read and validate the configuration file at ``path``.
-
-    ``env`` (default: ``os.environ``) supplies ``${VAR}`` substitutions and
-    ``STATE_DIRECTORY``. Messages name the file as ``path`` was given. Raises
-    :class:`ConfigError`, also when the file cannot be read.
-    """
-    filename = os.fspath(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        issue = ConfigIssue(filename, None, "", f"cannot read the file: {exc.strerror or exc}")
-        raise ConfigError([issue]) from None
-    except UnicodeDecodeError as exc:
-        issue = ConfigIssue(filename, None, "", f"not UTF-8 text (byte {exc.start})")
-        raise ConfigError([issue]) from None
-    return parse_config(
-        text,
-        filename=filename,
-        env=os.environ if env is None else env,
-        base_dir=Path(path).absolute().parent,
-        check_files=check_files,
-    )
