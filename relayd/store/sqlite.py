@@ -1,21 +1,23 @@
-"""The SQLite store (the default): every notification is on disk before anything else happens to it.
+"""The SQLite store (the default): every notification is committed before anything else happens.
 
 A Socket.IO notification cannot be asked for again, so each one is written to SQLite (WAL mode,
-fsync on commit) as the exact body bytes that will be POSTed, one row per (notification, webhook).
-Dispatchers deliver from here, and what exhausts its retries stays here as a dead letter for replay.
+synced to disk after each commit) as the exact body bytes that will be POSTed, one row per
+(notification, webhook). Dispatchers deliver from here, and what exhausts its retries stays here
+as a dead letter for replay.
 
 One writer task owns the connection. Operations queue up while a commit is under way and the
-next commit takes all of them in one transaction (group commit), so an fsync is shared by every
-notification, claim and result that arrived in the meantime. An operation that fails is undone
-alone: the batch is then run again with a savepoint around each operation.
+next commit takes all of them in one transaction (group commit), so a commit's cost is shared by
+every notification, claim and result that arrived in the meantime. An operation that fails is
+undone alone: the batch is then run again with a savepoint around each operation. A syncer task
+syncs the WAL to disk beside the writer, once for every commit made since its last sync began
+(see _sync_loop).
 
 Where a transaction runs is chosen by what it may wait for. Small ones (new notifications,
 claims, attempt results) take a few tens of microseconds of SQLite and run on the event loop
 itself: handing each to a thread and back would cost several times the work. What may wait runs
-in the outbox's thread: an fsync (a durable commit made on the loop is fsynced there before
-anyone hears "written"), a transaction that may touch much of the table (status, prune, replay,
-a large delta page), one that must wait for a lock held by a CLI command, and WAL checkpoints,
-which never happen as a side effect of a commit on the loop.
+in the outbox's thread: the WAL's sync, a transaction that may touch much of the table (status,
+prune, replay, a large delta page), one that must wait for a lock held by a CLI command, and WAL
+checkpoints, which never happen as a side effect of a commit on the loop.
 """
 
 from __future__ import annotations
@@ -197,7 +199,7 @@ class _Queued(NamedTuple):
 
     operation: Operation
     future: asyncio.Future[Any]
-    durable: bool  # the commit is fsynced before the future is told
+    durable: bool  # the commit is synced to disk (by the syncer, if it ran on the loop)
     heavy: bool  # may take long: the commit runs in the thread, not on the loop
     # Told (ok, result or error) by the writer as soon as the commit's outcome is known, even if
     # the caller stopped waiting: what must follow a commit cannot depend on who still listens.
@@ -300,7 +302,7 @@ class SqliteStore:
         # Where frames written since the last checkpoint start in the WAL file: its size then,
         # or 0 once SQLite has started the WAL over (see _checkpoint_due).
         self._wal_base = 0
-        self._wal_fd = -1  # the WAL file, for the fsync after a durable commit made on the loop
+        self._wal_fd = -1  # the WAL file, for the syncer (durable commits made on the loop)
         self._synchronous_full = True  # the connection's current PRAGMA synchronous
         self.commits = 0  # transactions committed by the writer: one per group of operations
         self.checkpoints = 0  # WAL checkpoints the writer ran
@@ -475,9 +477,8 @@ class SqliteStore:
         try:
             os.fdatasync(self._wal_fd)
         except OSError as exc:
-            # The rows are committed but perhaps not on disk. Their callers hear that the write
-            # failed and write them again (a copy keeps its webhook-id, which receivers dedupe
-            # on) rather than trust a disk that failed an fsync.
+            # The rows are committed but perhaps not on disk: the syncer makes the store
+            # unhealthy, naming the file, until a sync works again.
             raise OutboxError(
                 f"{self.path}: cannot sync the outbox to disk: {exc}", disk_full=_disk_full(exc)
             ) from None
@@ -504,10 +505,11 @@ class SqliteStore:
     ) -> T:
         """Run `operation` in the next group commit.
 
-        `durable` operations (new notifications, repairs) make their commit wait for fsync. The
+        `durable` operations (new notifications, repairs) make their commit synced to disk: in
+        the commit itself in the thread, or by the syncer right after one on the loop. The
         rest (claims, attempt results) need not survive a power cut: a lost "in flight" mark is
         recovered at start, a lost "delivered" mark means one more delivery, which receivers
-        dedupe on webhook-id. WAL keeps commits in order either way, and the next fsync covers
+        dedupe on webhook-id. WAL keeps commits in order either way, and the next sync covers
         every commit before it. `heavy` operations may read or change much of the table.
         `deferrable` ones wait a few milliseconds for company (see `record`).
         """
