@@ -467,12 +467,14 @@ async def test_rows_whose_retry_from_lies_ahead_are_still_dead_lettered_after_ma
     await settle(outbox, "hook", State.DEAD, 2)
     rows = await outbox.rows(Filter(state=State.DEAD))
     assert all("gave up after max_age" in row["last_error"] for row in rows)
-    # Attempts stopped within about max_age of the relay's start, not of tomorrow.
+    # Attempts stopped within about max_age (1 s) of the relay's start, not of tomorrow. The
+    # bound leaves room for a loaded machine (2.6 s was seen on one core shared by four test
+    # processes); a day's retries would take it far past.
     assert {r.headers["webhook-id"] for r in receiver.requests} == {
         "msg_all_ahead",
         "msg_due_but_ahead",
     }
-    assert receiver.requests[-1].at - receiver.requests[0].at < 2.5
+    assert receiver.requests[-1].at - receiver.requests[0].at < 10
 
 
 # -- rows of a webhook the config no longer has -------------------------------------------------
