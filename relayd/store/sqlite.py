@@ -295,7 +295,7 @@ class SqliteStore:
         self._writer: asyncio.Task[None] | None = None
         self._syncer: asyncio.Task[None] | None = None
         self._sync_wake = asyncio.Event()
-        self._unsynced_commits = 0  # durable commits made on the loop since the last sync began
+        self._unsynced = False  # a durable commit was made on the loop since the last sync began
         self._sync_closing = False  # the writer has ended: one last sync, then the syncer ends
         self._sync_failed = False  # the last sync failed: unhealthy until one works
         self._checkpointed_at = 0  # the connection's total_changes at the last checkpoint
@@ -556,8 +556,8 @@ class SqliteStore:
         while True:
             await self._sync_wake.wait()
             self._sync_wake.clear()
-            if self._unsynced_commits:
-                self._unsynced_commits = 0
+            if self._unsynced:
+                self._unsynced = False
                 try:
                     # Shielded like a commit: the thread finishes it whatever happens here.
                     await asyncio.shield(self._call(self._sync_wal))
@@ -569,7 +569,7 @@ class SqliteStore:
                     if self._sync_failed:
                         self._sync_failed = False
                         self._recovered()
-            if self._sync_closing and not self._unsynced_commits:
+            if self._sync_closing and not self._unsynced:
                 return
 
     def _sync_failure(self, failure: OutboxError) -> None:
@@ -645,7 +645,7 @@ class SqliteStore:
             elif durable:
                 # Committed on the loop without a sync: the rows are in the WAL, safe from a
                 # killed process. The syncer puts them on disk beside the writer (see _sync_loop).
-                self._unsynced_commits += 1
+                self._unsynced = True
                 self._sync_wake.set()
         except Exception as exc:
             # A failed commit (disk full, say) fails this batch only: its callers still hold
