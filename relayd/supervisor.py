@@ -500,7 +500,11 @@ class Supervisor:
         )
 
     async def _stop_watchers(
-        self, names: list[str], *, keep: frozenset[str] = frozenset()
+        self,
+        names: list[str],
+        *,
+        keep: frozenset[str] = frozenset(),
+        within: float = WATCHER_STOP_TIMEOUT,
     ) -> dict[str, Inbox]:
         """Watchers close their sockets and write out what they hold, then end.
 
@@ -510,7 +514,7 @@ class Supervisor:
         """
         for name in names:
             self.watchers[name].stop()
-        await _finish([self._drive_tasks.pop(name) for name in names], WATCHER_STOP_TIMEOUT)
+        await _finish([self._drive_tasks.pop(name) for name in names], within)
         carried: dict[str, Inbox] = {}
         for name in names:
             watcher = self.watchers.pop(name)
@@ -577,7 +581,7 @@ class Supervisor:
             elif kind == "webhook" and name in config.webhooks and name not in self.dispatchers:
                 self._start_dispatcher(name, config)
 
-    async def drop(self, resources: Sequence[str]) -> None:
+    async def drop(self, resources: Sequence[str], *, within: float) -> None:
         async with self._placing:
             config = self._applied or self.config
             named = [resource.partition(":") for resource in resources]
@@ -589,7 +593,7 @@ class Supervisor:
                 and name in self.dispatchers
                 and (name not in config.webhooks or config.webhooks[name].ordered)
             ]
-            await self._stop_watchers(drives)
+            await self._stop_watchers(drives, within=within)
             await self._stop_dispatchers(hooks)
 
     # -- the drives' tasks and housekeeping -------------------------------------------------------

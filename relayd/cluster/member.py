@@ -53,8 +53,9 @@ class Holder(Protocol):
     async def take(self, fence: Fence) -> None:
         """Start what `fence.resource` names, writing under `fence`."""
 
-    async def drop(self, resources: Sequence[str]) -> None:
-        """Stop them (sockets closed, what was received written) before returning."""
+    async def drop(self, resources: Sequence[str], *, within: float) -> None:
+        """Stop them (sockets closed, what was received written) before returning, and within
+        `within` seconds: what has not stopped by then is cut short (cancelled)."""
 
 
 @dataclass
@@ -134,9 +135,10 @@ class ClusterMember:
         lost = [r for r, lease in self.held.items() if lease.fence not in beat.renewed]
         if lost:
             log.warning("leases lost to another replica; stopping their drives", resources=lost)
+            within = self._stop_within(lost)
             for resource in lost:
                 del self.held[resource]
-            await self.holder.drop(lost)
+            await self.holder.drop(lost, within=within)
         until = safe_until(beat.sent, self.lease, margin_for(self.lease))
         for lease in self.held.values():
             lease.safe_until = until
@@ -145,8 +147,10 @@ class ClusterMember:
     async def _place(self) -> None:
         decided = plan(self.holder.resources(), self.live, self.replica, self.held)
         if decided.drop:
-            # Drain, then release: the socket is closed before anyone else may open one.
-            await self.holder.drop(decided.drop)
+            # Drain, then release: the socket is closed before anyone else may open one, and
+            # before the lease could run out (a drive slow to stop once held the others' guard
+            # past it, and its drives were connected twice).
+            await self.holder.drop(decided.drop, within=self._stop_within(decided.drop))
             leases = [self.held.pop(r).fence for r in decided.drop]
             log.info("handing drives over", resources=list(decided.drop))
             with contextlib.suppress(CoordinatorError):  # else they expire by themselves
@@ -182,16 +186,24 @@ class ClusterMember:
             drives=sum(1 for r in expiring if r.startswith("drive:")),
             leases=len(expiring),
         )
+        within = self._stop_within(expiring)
         self.held.clear()
-        await self.holder.drop(expiring)
+        await self.holder.drop(expiring, within=within)
 
     async def _forget_fenced(self) -> None:
         fenced = [r for r in self._fenced if r in self.held]
         self._fenced.clear()
         if fenced:
+            within = self._stop_within(fenced)
             for resource in fenced:
                 del self.held[resource]
-            await self.holder.drop(fenced)
+            await self.holder.drop(fenced, within=within)
+
+    def _stop_within(self, resources: Sequence[str]) -> float:
+        """How long stopping `resources` may take: until halfway between the earliest of their
+        leases' safe moments and its expiry (the margin past the safe moment), at least 50 ms."""
+        earliest = min(self.held[r].safe_until for r in resources)
+        return max(0.05, earliest + margin_for(self.lease) / 2 - self.clock())
 
     def _time_left(self) -> float:
         """Until the earliest held lease's safe moment (infinite when nothing is held)."""
