@@ -514,9 +514,12 @@ class Supervisor:
         """
         for name in names:
             self.watchers[name].stop()
-        await _finish([self._drive_tasks.pop(name) for name in names], within)
+        # Forgotten only once ended: a stop cancelled half-way (placement, cancelled at shutdown
+        # while its guard was stopping drives) leaves them for the next stop to finish.
+        await _finish([self._drive_tasks[name] for name in names], within)
         carried: dict[str, Inbox] = {}
         for name in names:
+            del self._drive_tasks[name]
             watcher = self.watchers.pop(name)
             if name in keep:
                 carried[name] = watcher.inbox
@@ -536,8 +539,9 @@ class Supervisor:
         for name in names:
             self.dispatchers[name].stop()
         grace = self.config.shutdown_grace
-        await _finish([self._dispatch_tasks.pop(name) for name in names], grace + 5)
-        for name in names:
+        await _finish([self._dispatch_tasks[name] for name in names], grace + 5)
+        for name in names:  # as above: forgotten only once ended
+            del self._dispatch_tasks[name]
             del self.dispatchers[name]
 
     # -- the outbox's Router: new rows go to the webhook's dispatcher -----------------------------

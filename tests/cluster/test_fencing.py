@@ -100,3 +100,34 @@ async def test_postgres_down_for_longer_than_the_lease_stops_the_drive_and_it_co
     )
     fence = member.fence("drive:d1")
     assert fence is not None and fence.epoch >= 2
+
+
+@pytest.mark.timeout(60)
+async def test_a_relay_stopped_while_its_guard_stops_a_drive_stops_cleanly(
+    start_relay: StartRelay,
+    emulator: GraphEmulator,
+    own_postgres_server: PostgresServer,
+) -> None:
+    # Seen in CI: SIGTERM arrived while the guard (placement's own task) was stopping a drive
+    # that was slow to stop. Shutdown cancels placement, and the half-done stop left the drive's
+    # watcher without its task: the daemon's stop then failed on it, and the daemon crashed.
+    url = own_postgres_server.create_database()
+    relay = await start_relay(store={"url": url}, cluster={"replica": "a", "lease": "5s"})
+    await wait_until(lambda: "d1" in relay.supervisor.watchers, timeout=10, what="d1 taken")
+    await relay.connected("d1")
+    member = relay.supervisor.cluster
+    assert member is not None
+    await asyncio.to_thread(own_postgres_server.stop)
+    # A notification that cannot be stored: the watcher's stop waits to write it out.
+    await emulator.emit("me")
+    await wait_until(lambda: len(relay.watcher("d1").inbox) == 1, timeout=5, what="held")
+    # The guard has let go of the lease and is stopping the drive, which has not stopped yet.
+    await wait_until(
+        lambda: not member.held and "d1" in relay.supervisor.watchers,
+        timeout=10,
+        what="the guard stopping d1",
+    )
+    await relay.stop()  # raises what ended the daemon, if anything did
+    assert emulator.connected("me") == 0
+    # The notification that could not be stored is said to be lost, not silently dropped.
+    assert relay.supervisor.lost == 1
