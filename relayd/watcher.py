@@ -20,7 +20,7 @@ import json
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -51,7 +51,7 @@ from relayd.outage import Outage, Report, log_report
 from relayd.push import Frame, LineLost, PingTimes, ProtocolError, PushSocket, Refused
 from relayd.store import Fence, Fenced, NewDelivery, OutboxError, Store
 from relayd.tenant import DEFAULT_TENANT, Priority
-from relayd.waiting import wait_event
+from relayd.waiting import unless_set, wait_event
 
 # Renew this long before the endpoint expires (known clients use two minutes) ...
 RENEW_MARGIN = 120.0
@@ -369,6 +369,8 @@ class DriveWatcher:
             for task in helpers:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
+            for connection in list(self._live):  # one opened as the watcher was cancelled
+                await connection.close()
             if self._stopping.is_set():  # not a crash, after which a new run goes on
                 self.status.enter(DriveState.STOPPED)
 
@@ -480,7 +482,7 @@ class DriveWatcher:
     async def _pause(self, seconds: float) -> None:
         await wait_event(self._stopping, seconds)
 
-    async def _retrying(self, action: Callable[[], Awaitable[T]]) -> T | None:
+    async def _retrying(self, action: Callable[[], Coroutine[Any, Any, T]]) -> T | None:
         """Run `action` until it succeeds, with backoff, for as long as the drive is configured;
         None if the drive was stopped first."""
         retrying = AsyncRetrying(
@@ -502,9 +504,10 @@ class DriveWatcher:
         )
         async for attempt in retrying:
             with attempt:
-                if self._stopping.is_set():
-                    return None
-                return await action()
+                # A stop does not wait for the attempt: its tenant's turn (a throttled tenant
+                # waits out Retry-After), a first delta round, a store that cannot be written.
+                # A reload, a hand-over or SIGTERM would otherwise wait for them up to its bound.
+                return await unless_set(self._stopping, action())
         return None  # pragma: no cover - tenacity either returns or raises above
 
     def _before_retry(self, state: RetryCallState) -> None:

@@ -161,6 +161,47 @@ async def test_a_429_to_an_endpoint_fetch_holds_back_the_tenants_reconnects_only
     assert a2_fetch >= throttled_at + 2.0  # a2's endpoint fetch waited for the pause's end
 
 
+@pytest.mark.timeout(60)
+async def test_a_drive_waiting_out_its_tenants_pause_is_removed_and_stopped_at_once(
+    tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
+) -> None:
+    # A stop used to wait for the attempt under way: a drive whose endpoint fetch waited out
+    # its tenant's Retry-After held a reload (or SIGTERM, or a cluster hand-over) for the
+    # watchers' stop bound, then was cut short.
+    accounts = two_tenants(tmp_path, emulator)
+    drives = [
+        {"name": d, "account": tenant, "resource": f"drives/{d}", "webhook": "hook"}
+        for tenant, names in TENANTS.items()
+        for d in names
+    ]
+    relay = await start_relay(accounts=accounts, drives=drives)
+    for drive in ("a1", "a2", "b1"):
+        await relay.connected(drive)
+
+    def contoso() -> Any:
+        return {r.tenant: r for r in relay.supervisor.tenants()}["contoso"]
+
+    emulator.throttle(retry_after=120, resource="drives/a1")
+    await emulator.kick("drives/a1")
+    await wait_until(lambda: contoso().throttled == 1, what="contoso paused for two minutes")
+    await emulator.kick("drives/a2")
+    await wait_until(lambda: contoso().waiting >= 1, what="a2's reconnect in contoso's line")
+    fetches = emulator.endpoint_requests["drives/a2"]
+    kept = [d for d in drives if d["name"] != "a2"]
+    started = time.monotonic()
+    assert await relay.supervisor.reload(
+        relay_config(tmp_path, emulator, receiver, accounts=accounts, drives=kept)
+    )
+    took = time.monotonic() - started
+    assert "a2" not in relay.supervisor.watchers
+    assert took < supervisor_module.WATCHER_STOP_TIMEOUT, took  # not cut short at the bound
+    assert contoso().waiting == 0  # its place in the line is given up with it
+    assert emulator.endpoint_requests["drives/a2"] == fetches  # and nothing of it reached Graph
+    assert contoso().throttled_until is not None  # all while the pause still runs
+    await emulator.emit("drives/b1")  # the others relay on
+    await wait_until(lambda: len(receiver.delivered("hook")) == 1, what="b1's notification")
+
+
 def test_the_poll_comes_due_within_its_interval_jittered_by_up_to_a_fifth() -> None:
     assert poll_delay(3600, lambda: 0.0) == 3600
     assert poll_delay(3600, lambda: 0.999) == pytest.approx(3600 * 0.8, rel=1e-3)
