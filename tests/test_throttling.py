@@ -46,6 +46,26 @@ def two_tenants(tmp_path: Path, emulator: GraphEmulator) -> dict[str, Any]:
     return accounts
 
 
+def notification_drives() -> list[dict[str, Any]]:
+    """A drive per name in TENANTS, in notifications mode, under its tenant's account."""
+    return [
+        {"name": d, "account": tenant, "resource": f"drives/{d}", "webhook": "hook"}
+        for tenant, names in TENANTS.items()
+        for d in names
+    ]
+
+
+async def start_notification_drives(
+    tmp_path: Path, emulator: GraphEmulator, start_relay: StartRelay
+) -> tuple[Relay, dict[str, Any]]:
+    """A relay with `notification_drives()`, all connected; and the accounts it was given."""
+    accounts = two_tenants(tmp_path, emulator)
+    relay = await start_relay(accounts=accounts, drives=notification_drives())
+    for drive in ("a1", "a2", "b1"):
+        await relay.connected(drive)
+    return relay, accounts
+
+
 def ids_of(receiver: WebhookReceiver, drive: str) -> list[str]:
     return [
         item["id"]
@@ -131,15 +151,7 @@ async def test_a_429_pauses_every_request_of_its_tenant_for_retry_after_and_no_o
 async def test_a_429_to_an_endpoint_fetch_holds_back_the_tenants_reconnects_only(
     tmp_path: Path, emulator: GraphEmulator, receiver: WebhookReceiver, start_relay: StartRelay
 ) -> None:
-    accounts = two_tenants(tmp_path, emulator)
-    drives = [
-        {"name": d, "account": tenant, "resource": f"drives/{d}", "webhook": "hook"}
-        for tenant, names in TENANTS.items()
-        for d in names
-    ]
-    relay = await start_relay(accounts=accounts, drives=drives)
-    for drive in ("a1", "a2", "b1"):
-        await relay.connected(drive)
+    relay, _ = await start_notification_drives(tmp_path, emulator, start_relay)
     emulator.throttle(retry_after=2, resource="drives/a1")
     await emulator.kick("drives/a1")  # its reconnect's endpoint fetch is throttled
     await wait_until(
@@ -168,15 +180,7 @@ async def test_a_drive_waiting_out_its_tenants_pause_is_removed_and_stopped_at_o
     # A stop used to wait for the attempt under way: a drive whose endpoint fetch waited out
     # its tenant's Retry-After held a reload (or SIGTERM, or a cluster hand-over) for the
     # watchers' stop bound, then was cut short.
-    accounts = two_tenants(tmp_path, emulator)
-    drives = [
-        {"name": d, "account": tenant, "resource": f"drives/{d}", "webhook": "hook"}
-        for tenant, names in TENANTS.items()
-        for d in names
-    ]
-    relay = await start_relay(accounts=accounts, drives=drives)
-    for drive in ("a1", "a2", "b1"):
-        await relay.connected(drive)
+    relay, accounts = await start_notification_drives(tmp_path, emulator, start_relay)
 
     def contoso() -> Any:
         return {r.tenant: r for r in relay.supervisor.tenants()}["contoso"]
@@ -187,7 +191,7 @@ async def test_a_drive_waiting_out_its_tenants_pause_is_removed_and_stopped_at_o
     await emulator.kick("drives/a2")
     await wait_until(lambda: contoso().waiting >= 1, what="a2's reconnect in contoso's line")
     fetches = emulator.endpoint_requests["drives/a2"]
-    kept = [d for d in drives if d["name"] != "a2"]
+    kept = [d for d in notification_drives() if d["name"] != "a2"]
     started = time.monotonic()
     assert await relay.supervisor.reload(
         relay_config(tmp_path, emulator, receiver, accounts=accounts, drives=kept)

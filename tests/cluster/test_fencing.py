@@ -12,7 +12,7 @@ import time
 
 import asyncpg
 import pytest
-from conftest import StartRelay, of_type
+from conftest import Relay, StartRelay, of_type
 from support.postgres import PostgresServer
 from support.waiting import eventually, wait_until
 
@@ -73,6 +73,16 @@ async def test_a_write_under_a_lost_lease_is_refused_and_stops_the_watcher(
     assert "drive:d1" not in relay.supervisor.cluster.held
 
 
+async def start_alone(start_relay: StartRelay, server: PostgresServer, *, lease: str) -> Relay:
+    """Replica a alone on a database of `server` (which the test stops), d1 held and connected."""
+    relay = await start_relay(
+        store={"url": server.create_database()}, cluster={"replica": "a", "lease": lease}
+    )
+    await wait_until(lambda: "d1" in relay.supervisor.watchers, timeout=10, what="d1 taken")
+    await relay.connected("d1")
+    return relay
+
+
 @pytest.mark.timeout(90)
 async def test_postgres_down_for_longer_than_the_lease_stops_the_drive_and_it_comes_back(
     start_relay: StartRelay,
@@ -80,10 +90,7 @@ async def test_postgres_down_for_longer_than_the_lease_stops_the_drive_and_it_co
     receiver: WebhookReceiver,
     own_postgres_server: PostgresServer,
 ) -> None:
-    url = own_postgres_server.create_database()
-    relay = await start_relay(store={"url": url}, cluster={"replica": "a", "lease": "3s"})
-    await wait_until(lambda: "d1" in relay.supervisor.watchers, timeout=10, what="d1 taken")
-    await relay.connected("d1")
+    relay = await start_alone(start_relay, own_postgres_server, lease="3s")
     await asyncio.to_thread(own_postgres_server.stop)
     stopped = time.monotonic()
     # Without the database no lease can be renewed: the socket closes before the lease ends.
@@ -111,10 +118,7 @@ async def test_a_relay_stopped_while_its_guard_stops_a_drive_stops_cleanly(
     # Seen in CI: SIGTERM arrived while the guard (placement's own task) was stopping a drive
     # that was slow to stop. Shutdown cancels placement, and the half-done stop left the drive's
     # watcher without its task: the daemon's stop then failed on it, and the daemon crashed.
-    url = own_postgres_server.create_database()
-    relay = await start_relay(store={"url": url}, cluster={"replica": "a", "lease": "5s"})
-    await wait_until(lambda: "d1" in relay.supervisor.watchers, timeout=10, what="d1 taken")
-    await relay.connected("d1")
+    relay = await start_alone(start_relay, own_postgres_server, lease="5s")
     member = relay.supervisor.cluster
     assert member is not None
     await asyncio.to_thread(own_postgres_server.stop)
