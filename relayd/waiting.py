@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Coroutine
-from typing import Any, TypeVar
+from collections.abc import Awaitable
+from typing import TypeVar
 
-__all__ = ["unless_set", "wait_event", "within"]
+__all__ = ["wait_event", "within"]
 
 T = TypeVar("T")
 
@@ -37,24 +37,3 @@ async def within(awaitable: Awaitable[T], timeout: float | None) -> T:
     """
     async with asyncio.timeout(timeout):
         return await awaitable
-
-
-async def unless_set(event: asyncio.Event, work: Coroutine[Any, Any, T]) -> T | None:
-    """`work`'s result, or None if `event` is set first: `work` is then cancelled, and has ended
-    when this returns. A result that is ready as `event` is set is returned, never dropped (a
-    socket just opened is the caller's to close). Cancelled itself, it cancels `work` first.
-    """
-    if event.is_set():
-        work.close()
-        return None
-    task = asyncio.ensure_future(work)
-    stopped = asyncio.ensure_future(event.wait())
-    try:
-        await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopped.cancel()
-        if not task.done():
-            task.cancel()
-        # Ended before we return or raise, whatever ended us: no task outlives its owner.
-        await asyncio.wait((task, stopped))
-    return None if task.cancelled() else task.result()

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from relayd.waiting import unless_set, wait_event, within
+from relayd.waiting import wait_event, within
 
 
 async def _stopped_within(task: asyncio.Task[None], seconds: float) -> bool:
@@ -85,71 +85,3 @@ async def test_within_gives_the_result_or_a_timeout_and_cancels_what_ran_out() -
     with pytest.raises(TimeoutError):
         await within(slow, 0.05)
     assert slow.cancelled()
-
-
-@pytest.mark.timeout(10)
-async def test_unless_set_cancels_the_work_when_the_event_comes_first_and_waits_for_its_end() -> (
-    None
-):
-    stop, started = asyncio.Event(), asyncio.Event()
-    cleaned_up = False
-
-    async def waiting_for_a_turn() -> str:
-        nonlocal cleaned_up
-        started.set()
-        try:
-            await asyncio.Event().wait()  # a tenant's pause: nothing comes
-        finally:
-            await asyncio.sleep(0)  # cleanup that awaits (a socket's close)
-            cleaned_up = True
-        return "never"
-
-    waiting = asyncio.create_task(unless_set(stop, waiting_for_a_turn()))
-    await started.wait()
-    stop.set()
-    assert await within(waiting, 3) is None
-    assert cleaned_up  # ended before unless_set returned: nothing left running
-    assert await unless_set(stop, waiting_for_a_turn()) is None  # set already: not even started
-
-
-@pytest.mark.timeout(10)
-async def test_unless_set_returns_a_result_that_is_ready_as_the_event_is_set() -> None:
-    stop, parked = asyncio.Event(), asyncio.Event()
-    opened: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    async def opening() -> str:
-        parked.set()
-        return await opened
-
-    waiting = asyncio.create_task(unless_set(stop, opening()))
-    await parked.wait()
-    opened.set_result("socket")  # the socket opens in the same iteration as the stop
-    stop.set()
-    assert await within(waiting, 3) == "socket"  # the caller's to close, never dropped
-    assert await unless_set(asyncio.Event(), asyncio.sleep(0, result="done")) == "done"
-    with pytest.raises(ValueError, match="refused"):
-        await unless_set(asyncio.Event(), _refused())
-
-
-async def _refused() -> None:
-    raise ValueError("refused")
-
-
-@pytest.mark.timeout(10)
-async def test_unless_set_cancelled_itself_cancels_the_work_first() -> None:
-    started = asyncio.Event()
-    ended = False
-
-    async def work() -> None:
-        nonlocal ended
-        started.set()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            ended = True
-
-    waiting = asyncio.create_task(unless_set(asyncio.Event(), work()))
-    await started.wait()
-    waiting.cancel()
-    assert await _stopped_within(waiting, 3)
-    assert ended
