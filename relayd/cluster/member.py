@@ -135,10 +135,7 @@ class ClusterMember:
         lost = [r for r, lease in self.held.items() if lease.fence not in beat.renewed]
         if lost:
             log.warning("leases lost to another replica; stopping their drives", resources=lost)
-            within = self._stop_within(lost)
-            for resource in lost:
-                del self.held[resource]
-            await self.holder.drop(lost, within=within)
+            await self._forget_and_drop(lost)
         until = safe_until(beat.sent, self.lease, margin_for(self.lease))
         for lease in self.held.values():
             lease.safe_until = until
@@ -186,18 +183,21 @@ class ClusterMember:
             drives=sum(1 for r in expiring if r.startswith("drive:")),
             leases=len(expiring),
         )
-        within = self._stop_within(expiring)
-        self.held.clear()
-        await self.holder.drop(expiring, within=within)
+        await self._forget_and_drop(expiring)
 
     async def _forget_fenced(self) -> None:
         fenced = [r for r in self._fenced if r in self.held]
         self._fenced.clear()
         if fenced:
-            within = self._stop_within(fenced)
-            for resource in fenced:
-                del self.held[resource]
-            await self.holder.drop(fenced, within=within)
+            await self._forget_and_drop(fenced)
+
+    async def _forget_and_drop(self, resources: list[str]) -> None:
+        """Leases that can no longer be trusted: forgotten at once (nothing renews or releases
+        them), then their resources stopped within what is left of the earliest one."""
+        within = self._stop_within(resources)
+        for resource in resources:
+            del self.held[resource]
+        await self.holder.drop(resources, within=within)
 
     def _stop_within(self, resources: Sequence[str]) -> float:
         """How long stopping `resources` may take: until halfway between the earliest of their

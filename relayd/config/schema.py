@@ -193,9 +193,8 @@ def _check_name(value: str) -> str:
     return value
 
 
-def _check_http_url(value: str) -> str:
-    # The URL itself is not quoted in the message: webhook URLs often embed a token.
-    problem = Invalid("expected an http:// or https:// URL with a host")
+def _url_parts(value: str, problem: Invalid) -> urllib.parse.SplitResult:
+    """`value` split into its parts; `problem` if it holds whitespace or a malformed port."""
     if any(char.isspace() for char in value):
         raise problem
     parts = urllib.parse.urlsplit(value)
@@ -203,6 +202,13 @@ def _check_http_url(value: str) -> str:
         parts.port  # noqa: B018 - raises ValueError for a malformed port
     except ValueError:
         raise problem from None
+    return parts
+
+
+def _check_http_url(value: str) -> str:
+    # The URL itself is not quoted in the message: webhook URLs often embed a token.
+    problem = Invalid("expected an http:// or https:// URL with a host")
+    parts = _url_parts(value, problem)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise problem
     return value
@@ -314,13 +320,7 @@ def _check_proxy_url(value: str) -> str:
     if value == "":
         return value  # explicitly no proxy: go direct
     problem = Invalid('expected http://[user:password@]host[:port], or "" for no proxy')
-    if any(char.isspace() for char in value):
-        raise problem
-    parts = urllib.parse.urlsplit(value)
-    try:
-        parts.port  # noqa: B018 - raises ValueError for a malformed port
-    except ValueError:
-        raise problem from None
+    parts = _url_parts(value, problem)
     # aiohttp talks to a proxy in plain HTTP (CONNECT for https targets); an https:// proxy URL
     # would mean something else to it than to requests (sign-in), so only http:// is accepted.
     if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
